@@ -1,0 +1,35 @@
+# One-line targets. `make run` trains (if there is no model yet) and serves; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export MODEL_DIR ?= $(CURDIR)/model
+
+.PHONY: install run train serve stop test lint bench soak sync-serve-config clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip && $(BIN)/python -m pip install -q -c constraints.txt -e '.[test]' && touch $@
+
+install: $(VENV)/.installed  ## create .venv and install the package with its test extra
+
+run: install  ## train if $(MODEL_DIR) has no model yet, then serve on http://localhost:8000
+	test -f $(MODEL_DIR)/model.json || $(BIN)/python -m ray_app.train --model-dir $(MODEL_DIR)
+	$(MAKE) serve
+
+train: install  ## train a new model into $(MODEL_DIR) (replaces it only if the accuracy gate passes)
+	$(BIN)/python -m ray_app.train --model-dir $(MODEL_DIR)
+
+serve: install  ## serve $(MODEL_DIR) with ray_app/serve_config.yaml on an embedded local Ray (Ctrl-C stops)
+	$(BIN)/serve run ray_app/serve_config.yaml
+
+stop:  ## stop what `make run`/`make serve` started
+	-$(BIN)/serve shutdown -y 2>/dev/null; $(BIN)/ray stop
+
+test: install  ## run the test suite
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) model *.egg-info

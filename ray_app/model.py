@@ -1,0 +1,206 @@
+"""The CNN and its on-disk artifact: ``model.pth`` (a plain state_dict) + ``model.json`` (its metadata)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE = "Net"
+DEFAULT_MODEL_DIR = "/mnt/model"
+WEIGHTS = "model.pth"
+METADATA = "model.json"
+VERSIONS = "versions"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Widths of the network; saved in ``model.json`` so a loader rebuilds the same shape."""
+
+    conv1: int = 32
+    conv2: int = 64
+    hidden: int = 128
+    dropout: float = 0.25
+
+
+class Net(nn.Module):
+    """Two conv blocks (conv-BN-ReLU-pool) and a two-layer head: 28×28 normalised digit → 10 logits."""
+
+    def __init__(self, conv1: int = 32, conv2: int = 64, hidden: int = 128, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, conv1, 5, bias=False),  # 28 -> 24
+            nn.BatchNorm2d(conv1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # -> 12
+            nn.Conv2d(conv1, conv2, 3, bias=False),  # -> 10
+            nn.BatchNorm2d(conv2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # -> 5
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(conv2 * 5 * 5, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits of shape (N, 10) for normalised input of shape (N, 1, 28, 28)."""
+        return self.head(self.features(x))
+
+
+class ArtifactError(Exception):
+    """The model directory holds no usable model; the message says why."""
+
+
+@dataclass
+class Artifact:
+    """A loaded, validated model in eval mode plus its metadata."""
+
+    model: Net
+    meta: dict[str, Any]
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old or the new file, never a partial one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_artifact(model_dir: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """Publish a model: keep a copy under ``versions/<id>/``, then swap ``model.pth`` and, last, ``model.json``.
+
+    ``meta`` gets ``version``, ``architecture`` and ``sha256`` filled in. Returns the version id.
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    buffer = _serialize(state_dict)
+    sha = hashlib.sha256(buffer).hexdigest()
+    version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + sha[:8]
+    meta = {**meta, "version": version, "architecture": ARCHITECTURE, "sha256": sha}
+    text = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+
+    version_dir = model_dir / VERSIONS / version
+    version_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(version_dir / WEIGHTS, buffer)
+    _write_atomic(version_dir / METADATA, text)
+    _write_atomic(model_dir / WEIGHTS, buffer)
+    _write_atomic(model_dir / METADATA, text)
+    log.info("published model %s to %s", version, model_dir)
+    return version
+
+
+def rollback(model_dir: str | Path, version: str) -> None:
+    """Make an earlier version under ``versions/`` the current model again (validated first)."""
+    source = Path(model_dir) / VERSIONS / version
+    load_artifact(source)
+    _write_atomic(Path(model_dir) / WEIGHTS, (source / WEIGHTS).read_bytes())
+    _write_atomic(Path(model_dir) / METADATA, (source / METADATA).read_bytes())
+    log.info("rolled back %s to %s", model_dir, version)
+
+
+def _serialize(state_dict: dict[str, torch.Tensor]) -> bytes:
+    """Serialise a state_dict with ``torch.save`` into bytes."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
+    return buffer.getvalue()
+
+
+def load_artifact(model_dir: str | Path, retries: int = 3, retry_delay_s: float = 0.2) -> Artifact:
+    """Load and validate ``model.pth`` + ``model.json``; raise :class:`ArtifactError` saying what is wrong.
+
+    A checksum mismatch is retried, since a writer may be between its two renames; if it persists (a writer
+    died there), the complete copy under ``versions/<version>/`` that ``model.json`` names is used instead.
+    """
+    model_dir = Path(model_dir)
+    for _ in range(retries):
+        try:
+            return _load_once(model_dir / WEIGHTS, model_dir / METADATA)
+        except _ChecksumMismatch:
+            time.sleep(retry_delay_s)
+    try:
+        return _load_once(model_dir / WEIGHTS, model_dir / METADATA)
+    except _ChecksumMismatch as exc:
+        version_dir = (
+            model_dir / VERSIONS / str(json.loads((model_dir / METADATA).read_text()).get("version"))
+        )
+        if not (version_dir / WEIGHTS).is_file():
+            raise ArtifactError(str(exc)) from None
+        log.warning("%s; using %s", exc, version_dir)
+        return _load_once(version_dir / WEIGHTS, model_dir / METADATA)
+
+
+class _ChecksumMismatch(ArtifactError):
+    """``model.pth`` does not match the sha256 recorded in ``model.json``."""
+
+
+def _load_once(weights: Path, metadata: Path) -> Artifact:
+    """One attempt at reading and validating a weights file against its metadata."""
+    if not metadata.is_file() or not weights.is_file():
+        missing = ", ".join(p.name for p in (weights, metadata) if not p.is_file())
+        raise ArtifactError(f"no model yet in {metadata.parent}: missing {missing}")
+    try:
+        meta = json.loads(metadata.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{metadata} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("architecture") != ARCHITECTURE:
+        raise ArtifactError(f"{metadata}: architecture is not {ARCHITECTURE!r}")
+    try:
+        data = weights.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {weights}: {exc}") from None
+    sha = hashlib.sha256(data).hexdigest()
+    if sha != meta.get("sha256"):
+        raise _ChecksumMismatch(
+            f"{weights} (sha256 {sha[:12]}…) does not match {metadata} (sha256 {str(meta.get('sha256'))[:12]}…)"
+        )
+    try:
+        config = ModelConfig(**meta.get("config", {}))
+    except TypeError as exc:
+        raise ArtifactError(f"{metadata}: bad model config: {exc}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise ArtifactError(f"{weights} is not a readable state_dict: {exc}") from None
+    model = Net(**asdict(config))
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{weights} does not fit {ARCHITECTURE}{asdict(config)}: {exc}") from None
+    return Artifact(model=model.eval(), meta=meta)

@@ -1,0 +1,343 @@
+"""Train the MNIST CNN with Ray Train on CPU workers and publish ``model.pth`` + ``model.json``.
+
+Run ``python -m ray_app.train --help``. Connects to ``RAY_ADDRESS`` when set (a KubeRay head), otherwise
+starts an embedded local Ray sized to the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ray_app import data
+from ray_app.model import DEFAULT_MODEL_DIR, ModelConfig, Net, save_artifact
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random small rotation, scale and shift of a normalised batch (N, 1, 28, 28)."""
+    n = images.shape[0]
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(10)
+    scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * 0.1
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 / 14)  # ±2 px in [-1, 1] coordinates
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    background = (0 - data.MEAN) / data.STD
+    return F.grid_sample(images - background, grid, align_corners=False) + background
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Summed cross-entropy and the 10×10 confusion matrix (rows: true digit) over a normalised set."""
+    model.eval()
+    loss, confusion = 0.0, torch.zeros(10, 10, dtype=torch.long)
+    with torch.inference_mode():
+        for start in range(0, len(images), 1000):
+            x = images[start : start + 1000].contiguous(memory_format=torch.channels_last)
+            y = labels[start : start + 1000]
+            logits = model(x)
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            confusion += torch.bincount(y * 10 + logits.argmax(1), minlength=100).reshape(10, 10)
+    return loss, confusion
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all workers (no-op for a single worker)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: its shard of every epoch, evaluation on its shard of the test set, a report."""
+    torch.set_num_threads(config["threads"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+
+    # [1] Data: the whole set as tensors in memory; each epoch a shared permutation, split by rank.
+    train_x, train_y = data.load_mnist(config["data_dir"], train=True, limit=config["train_limit"])
+    test_x, test_y = data.load_mnist(config["data_dir"], train=False)
+    train_x, test_x = data.normalize(train_x), data.normalize(test_x)
+    test_x, test_y = test_x[rank::world], test_y[rank::world]
+    per_worker_batch = max(1, config["batch_size"] // world)
+    steps = len(train_x) // world // per_worker_batch
+    if steps == 0:
+        raise ValueError(f"{len(train_x)} images are too few for batch size {config['batch_size']}")
+
+    # [2] Model, optimizer, schedule; resumed from the latest checkpoint after a failure.
+    model = Net(**config["model"]).to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config["lr"], total_steps=config["epochs"] * steps, pct_start=0.25
+    )
+    start_epoch, history, resumed = 1, [], []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, resumed = (
+            state["epoch"] + 1,
+            state["history"],
+            state["resumed"] + [state["epoch"]],
+        )
+        if rank == 0:
+            log.info("resuming from the checkpoint of epoch %d", state["epoch"])
+
+    # [3] Epochs: train, evaluate, report metrics with a checkpoint from rank 0 (every rank reports).
+    generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    run_start = time.monotonic()
+    for epoch in range(start_epoch, config["epochs"] + 1):
+        model.train()
+        started = time.monotonic()
+        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(config["seed"] + epoch))
+        shard = order[rank::world]
+        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
+        for step in range(steps):
+            idx = shard[step * per_worker_batch : (step + 1) * per_worker_batch]
+            x = augment(train_x[idx], generator).contiguous(memory_format=torch.channels_last)
+            y = train_y[idx]
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
+        train_time = time.monotonic() - started
+        test_loss, confusion = evaluate(model, test_x, test_y)
+        sums, confusion = _all_reduce(sums), _all_reduce(confusion)
+        totals = _all_reduce(torch.tensor([test_loss, float(len(test_y))], dtype=torch.float64))
+        metrics = {
+            "epoch": epoch,
+            "loss": sums[0].item() / sums[2].item(),
+            "train_accuracy": sums[1].item() / sums[2].item(),
+            "test_loss": totals[0].item() / totals[1].item(),
+            "test_accuracy": confusion.diag().sum().item() / confusion.sum().item(),
+            "images_per_s": sums[2].item() / train_time,
+            "epoch_time_s": time.monotonic() - started,
+        }
+        history.append(metrics)
+        if rank == 0:
+            remaining = (
+                (time.monotonic() - run_start) / (epoch - start_epoch + 1) * (config["epochs"] - epoch)
+            )
+            log.info(
+                "epoch %d/%d  loss %.4f  train acc %.4f  test acc %.4f  %.0f img/s  eta %.0fs",
+                epoch,
+                config["epochs"],
+                metrics["loss"],
+                metrics["train_accuracy"],
+                metrics["test_accuracy"],
+                metrics["images_per_s"],
+                remaining,
+            )
+        with tempfile.TemporaryDirectory() as d:
+            report_checkpoint = None
+            if rank == 0:
+                state = {
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "confusion": confusion,
+                    "resumed": resumed,
+                }
+                torch.save(state, Path(d) / STATE_FILE)
+                report_checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=report_checkpoint)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain network inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def _env(name: str, default: Any) -> Any:
+    """A default that the environment may override (how the KubeRay manifests set options)."""
+    value = os.environ.get(name)
+    return default if value in (None, "") else type(default)(value)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; every option can also come from the environment variable named in its help."""
+    p = argparse.ArgumentParser(
+        prog="python -m ray_app.train",
+        description="Train the MNIST CNN with Ray Train and publish model.pth + model.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model_dir = _env("MODEL_DIR", DEFAULT_MODEL_DIR)
+    p.add_argument("--model-dir", default=model_dir, help="where model.pth/model.json go (env MODEL_DIR)")
+    p.add_argument(
+        "--data-dir",
+        default=_env("MNIST_DATA_DIR", str(Path(model_dir) / "data")),
+        help="MNIST folder, fetched there once if missing (env MNIST_DATA_DIR; default <model-dir>/data)",
+    )
+    p.add_argument(
+        "--num-workers", type=int, default=_env("NUM_WORKERS", 2), help="Ray Train workers (env NUM_WORKERS)"
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        default=_env("CPUS_PER_WORKER", 1),
+        help="CPUs and torch threads per worker (env CPUS_PER_WORKER)",
+    )
+    p.add_argument("--epochs", type=int, default=_env("EPOCHS", 4), help="epochs (env EPOCHS)")
+    p.add_argument(
+        "--batch-size", type=int, default=_env("BATCH_SIZE", 256), help="global batch size (env BATCH_SIZE)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=_env("LR", 0.004), help="peak learning rate of the one-cycle schedule"
+    )
+    p.add_argument(
+        "--max-failures", type=int, default=_env("MAX_FAILURES", 3), help="worker-group restarts allowed"
+    )
+    p.add_argument("--seed", type=int, default=_env("SEED", 1), help="random seed")
+    p.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=_env("MIN_ACCURACY", 0.99),
+        help="publish only if test accuracy reaches this (env MIN_ACCURACY)",
+    )
+    p.add_argument(
+        "--train-limit",
+        type=int,
+        default=_env("TRAIN_LIMIT", 0),
+        help="use only the first N training images, 0 = all (env TRAIN_LIMIT)",
+    )
+    p.add_argument(
+        "--storage-path",
+        default=_env("STORAGE_PATH", ""),
+        help="Ray Train run storage, shared by all nodes (env STORAGE_PATH; default <model-dir>/ray_results)",
+    )
+    p.add_argument(
+        "--run-name", default=_env("RUN_NAME", ""), help="reuse a name to resume that run (default: unique)"
+    )
+    p.add_argument("--smoke", action="store_true", help="quick check: 2000 images, 1 epoch, no accuracy gate")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.train_limit, args.epochs, args.min_accuracy = 2000, 1, 0.0
+    args.storage_path = args.storage_path or str(Path(args.model_dir) / "ray_results")
+    args.run_name = args.run_name or f"mnist-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    return args
+
+
+def fit(args: argparse.Namespace) -> ray.train.Result:
+    """Run the TorchTrainer; raises when the run fails after its retries."""
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "data_dir": str(args.data_dir),
+            "train_limit": args.train_limit,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "threads": args.cpus_per_worker,
+            "model": asdict(ModelConfig()),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=args.num_workers, use_gpu=False, resources_per_worker={"CPU": args.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=args.run_name,
+            storage_path=args.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
+
+
+def publish(args: argparse.Namespace, state: dict[str, Any], wall_time_s: float) -> int:
+    """Apply the accuracy gate to a finished run's final state and publish it. Returns the exit code."""
+    confusion = state["confusion"]
+    accuracy = state["history"][-1]["test_accuracy"]
+    if accuracy < args.min_accuracy:
+        log.error(
+            "test accuracy %.4f is below --min-accuracy %.4f; model not published",
+            accuracy,
+            args.min_accuracy,
+        )
+        return 2
+    meta = {
+        "config": asdict(ModelConfig()),
+        "normalization": {"mean": data.MEAN, "std": data.STD},
+        "test_accuracy": accuracy,
+        "per_digit_accuracy": (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(),
+        "confusion_matrix": confusion.tolist(),
+        "history": state["history"],
+        "resumed_from_epochs": state["resumed"],
+        "epochs": args.epochs,
+        "num_workers": args.num_workers,
+        "cpus_per_worker": args.cpus_per_worker,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "train_images": args.train_limit or 60000,
+        "wall_time_s": round(wall_time_s, 1),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data_sha256": data.checksum(args.data_dir),
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+        "run_name": args.run_name,
+    }
+    version = save_artifact(args.model_dir, state["model"], meta)
+    log.info(
+        "done: test accuracy %.4f in %.1f s wall time; model %s in %s",
+        accuracy,
+        meta["wall_time_s"],
+        version,
+        args.model_dir,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train, check the accuracy gate, publish. Exit code 0 = a new model was published."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    args = parse_args(argv)
+    data.ensure_mnist(args.data_dir)
+    ray.init()  # RAY_ADDRESS → that cluster; unset → an embedded local Ray with all of this machine's CPUs
+    try:
+        result = fit(args)
+    except Exception:
+        log.exception("training failed; the model in %s is unchanged", args.model_dir)
+        return 1
+    finally:
+        ray.shutdown()
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+    return publish(args, state, time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The network's shapes and the artifact: round trip, atomic publishing, corrupt files, rollback."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from ray_app import model as model_module
+from ray_app.model import ArtifactError, ModelConfig, Net, load_artifact, rollback, save_artifact
+
+META = {"config": asdict(ModelConfig()), "normalization": {"mean": 0.1307, "std": 0.3081}}
+
+
+def _publish(model_dir: Path, seed: int) -> tuple[str, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    state = Net().state_dict()
+    return save_artifact(model_dir, state, META), state
+
+
+def test_forward_shape() -> None:
+    net = Net().eval()
+    assert net(torch.randn(7, 1, 28, 28)).shape == (7, 10)
+    assert net(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_config_changes_shape() -> None:
+    small, big = Net(conv1=8, conv2=16, hidden=32), Net()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(small) < count(big)
+    with pytest.raises(RuntimeError):
+        big.load_state_dict(small.state_dict())
+
+
+def test_round_trip_plain_torch_and_loader(tmp_path: Path) -> None:
+    version, state = _publish(tmp_path, 0)
+    plain = Net()
+    plain.load_state_dict(torch.load(tmp_path / "model.pth", weights_only=True))  # no Ray, no helper
+    artifact = load_artifact(tmp_path)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert artifact.meta == meta
+    assert meta["version"] == version and meta["architecture"] == "Net"
+    assert meta["sha256"] == model_module.sha256_file(tmp_path / "model.pth")
+    assert not artifact.model.training
+    for key, value in state.items():
+        assert torch.equal(artifact.model.state_dict()[key], value)
+        assert torch.equal(plain.state_dict()[key], value)
+    assert (tmp_path / "versions" / version / "model.pth").is_file()
+
+
+def test_missing_model_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="no model yet.*model.pth, model.json"):
+        load_artifact(tmp_path)
+
+
+def test_truncated_weights_rejected(tmp_path: Path) -> None:
+    _publish(tmp_path, 0)
+    weights = tmp_path / "model.pth"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    meta = json.loads((tmp_path / "model.json").read_text())
+    meta["sha256"] = model_module.sha256_file(weights)  # checksum matches, so the loader must parse and fail
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="not a readable state_dict"):
+        load_artifact(tmp_path)
+
+
+def test_bad_checksum_rejected(tmp_path: Path) -> None:
+    _publish(tmp_path, 0)
+    (tmp_path / "model.pth").write_bytes(b"garbage")
+    (tmp_path / "versions").rename(tmp_path / "moved")  # no complete copy to fall back on
+    with pytest.raises(ArtifactError, match="does not match"):
+        load_artifact(tmp_path, retry_delay_s=0.01)
+
+
+def test_wrong_shape_rejected(tmp_path: Path) -> None:
+    small = Net(conv1=8, conv2=16, hidden=32).state_dict()
+    save_artifact(tmp_path, small, META)  # metadata claims the default widths
+    with pytest.raises(ArtifactError, match="does not fit Net"):
+        load_artifact(tmp_path)
+
+
+def test_bad_json_rejected(tmp_path: Path) -> None:
+    _publish(tmp_path, 0)
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_artifact(tmp_path)
+
+
+def test_crash_between_renames_leaves_a_usable_pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old_version, old_state = _publish(tmp_path, 0)
+    real_replace = os.replace
+
+    def crash_on_top_level_json(src: str, dst: str | Path) -> None:
+        if Path(dst) == tmp_path / "model.json":
+            raise KeyboardInterrupt("killed between the two renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_top_level_json)
+    with pytest.raises(KeyboardInterrupt):
+        _publish(tmp_path, 1)
+    monkeypatch.setattr(os, "replace", real_replace)
+    # model.pth is already the new file, model.json still the old one: the loader uses the old complete copy.
+    artifact = load_artifact(tmp_path, retry_delay_s=0.01)
+    assert artifact.meta["version"] == old_version
+    assert torch.equal(artifact.model.state_dict()["head.4.weight"], old_state["head.4.weight"])
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_crash_while_writing_keeps_old_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old_version, _ = _publish(tmp_path, 0)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "model.pth", tmp_path / "model.json")}
+
+    def crash(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        _publish(tmp_path, 1)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model.pth", tmp_path / "model.json")} == before
+    assert load_artifact(tmp_path).meta["version"] == old_version
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_versions_kept_and_rollback(tmp_path: Path) -> None:
+    first, first_state = _publish(tmp_path, 0)
+    second, _ = _publish(tmp_path, 1)
+    assert first != second
+    assert load_artifact(tmp_path).meta["version"] == second
+    rollback(tmp_path, first)
+    artifact = load_artifact(tmp_path)
+    assert artifact.meta["version"] == first
+    assert torch.equal(artifact.model.state_dict()["head.4.weight"], first_state["head.4.weight"])
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == sorted([first, second])

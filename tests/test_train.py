@@ -1,0 +1,177 @@
+"""Training: the CLI, the accuracy gate, and real Ray Train runs (2 workers, a failure, a crash)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from ray_app import data
+from ray_app.model import ModelConfig, Net, load_artifact
+from ray_app.train import augment, parse_args, publish
+from tests.conftest import ROOT, run_train
+
+
+def _accuracy(model: Net, mnist_dir: Path) -> float:
+    images, labels = data.load_mnist(mnist_dir, train=False)
+    with torch.inference_mode():
+        return (model.eval()(data.normalize(images)).argmax(1) == labels).float().mean().item()
+
+
+def test_help_states_every_default() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ray_app.train", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for flag in (
+        "--model-dir",
+        "--data-dir",
+        "--num-workers",
+        "--cpus-per-worker",
+        "--epochs",
+        "--batch-size",
+    ):
+        assert flag in text
+    for default in (
+        "(default: /mnt/model)",
+        "(default: 2)",
+        "(default: 256)",
+        "(default: 0.99)",
+        "(default: 0)",
+    ):
+        assert default in text
+
+
+def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_DIR", "/tmp/m")
+    monkeypatch.setenv("NUM_WORKERS", "3")
+    monkeypatch.setenv("TRAIN_LIMIT", "500")
+    monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
+    args = parse_args([])
+    assert (args.model_dir, args.num_workers, args.train_limit) == ("/tmp/m", 3, 500)
+    assert args.data_dir == "/tmp/m/data" and args.storage_path == "/tmp/m/ray_results"
+    assert parse_args(["--num-workers", "1"]).num_workers == 1  # the command line wins
+    assert (
+        parse_args([]).run_name != parse_args([]).run_name
+    )  # a new run never resumes an old one by accident
+
+
+def test_smoke_flag() -> None:
+    args = parse_args(["--smoke"])
+    assert (args.train_limit, args.epochs, args.min_accuracy) == (2000, 1, 0.0)
+
+
+def test_augment_keeps_shape_and_background() -> None:
+    blank = data.normalize(torch.zeros(4, 28, 28, dtype=torch.uint8))
+    out = augment(blank, torch.Generator().manual_seed(0))
+    assert out.shape == blank.shape
+    assert torch.allclose(out, blank, atol=1e-5)  # shifting empty paper adds no ink
+    digit = data.normalize(torch.full((2, 28, 28), 255, dtype=torch.uint8) * (torch.rand(2, 28, 28) > 0.5))
+    assert not torch.equal(augment(digit, torch.Generator().manual_seed(0)), digit)
+
+
+def _state(accuracy: float) -> dict:
+    confusion = torch.eye(10, dtype=torch.long) * 100
+    return {
+        "model": Net().state_dict(),
+        "history": [{"epoch": 1, "test_accuracy": accuracy}],
+        "confusion": confusion,
+        "resumed": [],
+    }
+
+
+def test_accuracy_gate(tmp_path: Path, mnist_dir: Path) -> None:
+    args = parse_args(["--model-dir", str(tmp_path), "--data-dir", str(mnist_dir), "--min-accuracy", "0.99"])
+    assert publish(args, _state(0.98), 1.0) == 2
+    assert not (tmp_path / "model.json").exists()
+    assert publish(args, _state(0.995), 1.0) == 0
+    meta = load_artifact(tmp_path).meta
+    assert meta["test_accuracy"] == 0.995 and meta["per_digit_accuracy"] == [1.0] * 10
+    assert meta["normalization"] == {"mean": data.MEAN, "std": data.STD}
+    assert meta["data_sha256"] == data.checksum(mnist_dir)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_two_worker_run_writes_a_plain_torch_model(trained_model_dir: Path, mnist_dir: Path) -> None:
+    model = Net(**asdict(ModelConfig()))
+    model.load_state_dict(torch.load(trained_model_dir / "model.pth", weights_only=True))
+    accuracy = _accuracy(model, mnist_dir)
+    assert accuracy > 0.9  # chance is 0.1
+    meta = json.loads((trained_model_dir / "model.json").read_text())
+    assert abs(meta["test_accuracy"] - accuracy) < 0.003
+    assert meta["num_workers"] == 2 and meta["train_images"] == 12000 and len(meta["history"]) == 2
+    assert len(meta["per_digit_accuracy"]) == 10 and min(meta["per_digit_accuracy"]) > 0.7
+    assert meta["ray_version"] == "2.60.0" and meta["torch_version"].startswith("2.14.1")
+    for key in ("version", "sha256", "created_at", "wall_time_s", "data_sha256", "batch_size", "epochs"):
+        assert meta[key]
+    assert (trained_model_dir / "versions" / meta["version"] / "model.pth").is_file()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_failed_run_keeps_the_previous_model(
+    trained_model_dir: Path, tmp_path: Path, mnist_dir: Path
+) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model_dir, model_dir)
+    before = {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file() and "ray_results" not in p.parts}
+    # 100 images cannot fill one batch of 256: every worker raises, and with no retries the run fails.
+    done = run_train(
+        "--model-dir", str(model_dir), "--data-dir", str(mnist_dir), "--train-limit", "100", "--max-failures", "0"
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "training failed; the model in" in done.stderr
+    after = {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file() and "ray_results" not in p.parts}
+    assert after == before
+
+
+def _train_workers(root: psutil.Process) -> list[psutil.Process]:
+    found = []
+    for proc in root.children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path: Path, mnist_dir: Path) -> None:
+    cmd = [sys.executable, "-m", "ray_app.train", "--model-dir", str(tmp_path), "--data-dir", str(mnist_dir)]
+    cmd += ["--train-limit", "12000", "--epochs", "3", "--min-accuracy", "0", "--max-failures", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "epoch 1/3" in line:
+                break
+        workers = _train_workers(psutil.Process(proc.pid))
+        assert len(workers) == 2, "".join(lines[-30:])
+        workers[-1].send_signal(signal.SIGKILL)  # mid-epoch 2: its shard of the work dies with it
+        lines += proc.stdout.readlines()
+        assert proc.wait(timeout=600) == 0, "".join(lines[-60:])
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(5)
+            proc.kill()
+    log = "".join(lines)
+    assert "resuming from the checkpoint of epoch" in log
+    meta = load_artifact(tmp_path).meta
+    assert meta["resumed_from_epochs"] and meta["resumed_from_epochs"][0] in (1, 2)
+    assert [h["epoch"] for h in meta["history"]] == [1, 2, 3]
+    assert meta["test_accuracy"] > 0.9
