@@ -33,3 +33,6 @@ lint: install
 
 clean:
 	rm -rf $(VENV) model *.egg-info
+
+sync-serve-config:  ## copy ray_app/serve_config.yaml into the RayService's serveConfigV2
+	$(BIN)/python kuberay/sync_serve_config.py

@@ -29,6 +29,7 @@ from torch import nn
 
 from ray_app import data
 from ray_app.model import DEFAULT_MODEL_DIR, ModelConfig, Net, save_artifact
+from ray_app.plots import write_plots
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,7 @@ def publish(args: argparse.Namespace, state: dict[str, Any], wall_time_s: float)
         "run_name": args.run_name,
     }
     version = save_artifact(args.model_dir, state["model"], meta)
+    write_plots(args.model_dir, state["history"], meta["confusion_matrix"])
     log.info(
         "done: test accuracy %.4f in %.1f s wall time; model %s in %s",
         accuracy,

@@ -82,9 +82,10 @@ def test_augment_keeps_shape_and_background() -> None:
 
 def _state(accuracy: float) -> dict:
     confusion = torch.eye(10, dtype=torch.long) * 100
+    epoch = {"epoch": 1, "loss": 0.5, "train_accuracy": 0.9, "test_loss": 0.1, "test_accuracy": accuracy}
     return {
         "model": Net().state_dict(),
-        "history": [{"epoch": 1, "test_accuracy": accuracy}],
+        "history": [epoch],
         "confusion": confusion,
         "resumed": [],
     }
@@ -99,6 +100,8 @@ def test_accuracy_gate(tmp_path: Path, mnist_dir: Path) -> None:
     assert meta["test_accuracy"] == 0.995 and meta["per_digit_accuracy"] == [1.0] * 10
     assert meta["normalization"] == {"mean": data.MEAN, "std": data.STD}
     assert meta["data_sha256"] == data.checksum(mnist_dir)
+    for name in ("training_curves.png", "confusion_matrix.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.integration
