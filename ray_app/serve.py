@@ -1,0 +1,548 @@
+"""Ray Serve application: the MNIST classifier behind a FastAPI ingress, with batching and hot model reload.
+
+Usage:
+    MODEL_DIR=./artifacts/model serve run ray_app/serve_config.yaml
+    curl -s -X POST -F "file=@samples/zero.png" http://localhost:8000/predict
+
+Routes: ``POST /predict`` (multipart field ``file``), ``POST /predict/batch`` (repeated ``files`` fields),
+``GET /healthz``, ``GET /`` (upload page), ``GET /docs``. Every client error is a 4xx ``{"detail": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import ray
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from ray import serve
+from starlette.exceptions import HTTPException
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from ray_app.model import DEFAULT_MODEL_DIR, METADATA, WEIGHTS, Artifact, ArtifactError, load_artifact
+from ray_app.preprocess import InputError, Limits, to_mnist
+
+# A child of Serve's logger, so messages reach the replica log files (Serve configures only "ray.serve").
+log = logging.getLogger(f"ray.serve.{__name__}")
+
+FILE_FIELD = "file"
+FILES_FIELD = "files"
+STATIC_DIR = Path(__file__).with_name("static")
+
+
+# Runtime settings (the deployment's ``user_config``)
+@dataclass(frozen=True)
+class Settings:
+    """Knobs that ``user_config`` changes without restarting replicas."""
+
+    max_batch_size: int = 16  # images per forward pass
+    batch_wait_timeout_s: float = 0.0  # 0: batch whatever queued while the previous batch ran
+    max_files: int = 64  # multipart parts per request
+    body_timeout_s: float = 10.0  # time allowed to receive the request body (slow clients get 408)
+    inline_decode_bytes: int = 65536  # larger uploads are decoded in a worker thread, off the event loop
+    model_poll_interval_s: float = 1.0  # how often the model directory is checked for a new model
+    limits: Limits = field(default_factory=Limits)  # image limits; ``limits.max_bytes`` caps the body too
+
+    @classmethod
+    def from_user_config(cls, config: dict[str, Any] | None) -> Settings:
+        """Validate a ``user_config`` dict; unknown keys or bad values raise ``ValueError``."""
+        values = dict(config or {})
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown user_config keys {unknown}; known: {[f.name for f in fields(cls)]}")
+        if "limits" in values:
+            try:
+                values["limits"] = Limits(**values["limits"])
+            except TypeError as exc:
+                raise ValueError(f"user_config limits: {exc}") from None
+        settings = cls(**values)
+        for name in ("max_batch_size", "max_files", "inline_decode_bytes"):
+            if not isinstance(getattr(settings, name), int) or getattr(settings, name) < 1:
+                raise ValueError(f"user_config {name} must be an integer >= 1")
+        if not 0 <= settings.batch_wait_timeout_s < 1:
+            raise ValueError("user_config batch_wait_timeout_s must be in [0, 1)")
+        if not (settings.body_timeout_s > 0 and settings.model_poll_interval_s > 0):
+            raise ValueError("user_config body_timeout_s and model_poll_interval_s must be > 0")
+        return settings
+
+
+# The model and its hot reload
+class Prediction(NamedTuple):
+    """One image's result."""
+
+    digit: int
+    probs: list[float]
+    model_version: str
+
+
+class ModelUnavailable(RuntimeError):
+    """No model has been loaded yet; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A validated model plus the normalisation it was trained with."""
+
+    model: nn.Module
+    version: str
+    scale: float  # x_normalised = pixel * scale - shift  ==  (pixel / 255 - mean) / std
+    shift: float
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact) -> LoadedModel:
+        """Wrap a loaded artifact and run a warm-up forward pass that must give finite probabilities."""
+        norm = artifact.meta["normalization"]
+        mean, std = float(norm["mean"]), float(norm["std"])
+        model = _for_inference(artifact.model)
+        loaded = cls(model, str(artifact.meta["version"]), 1.0 / (255.0 * std), mean / std)
+        (warm,) = loaded.predict([np.zeros((28, 28), np.uint8)])
+        if not all(np.isfinite(warm.probs)):
+            raise ArtifactError(f"model {loaded.version} gives non-finite outputs")
+        return loaded
+
+    def predict(self, images: list[np.ndarray]) -> list[Prediction]:
+        """Classify 28x28 uint8 images (white ink on black) in one forward pass."""
+        batch = torch.from_numpy(np.stack(images)).unsqueeze(1).float()
+        batch = batch.mul_(self.scale).sub_(self.shift).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            probs = torch.softmax(self.model(batch), dim=1)
+        digits = probs.argmax(dim=1).tolist()
+        return [
+            Prediction(digit, [round(p, 6) for p in row], self.version)
+            for digit, row in zip(digits, probs.tolist(), strict=True)
+        ]
+
+
+def _for_inference(model: nn.Module) -> nn.Module:
+    """A copy of an eval-mode model made ~2x faster on CPU: each BatchNorm folded into the convolution before
+    it, weights in channels_last layout (measured here: 0.56 -> 0.21 ms per image at batch 16, one thread)."""
+    model = copy.deepcopy(model).eval()
+    for sequence in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(sequence) - 1):
+            conv, norm = sequence[i], sequence[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                sequence[i], sequence[i + 1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
+    return model.to(memory_format=torch.channels_last)
+
+
+def _files_signature(model_dir: Path) -> tuple[int, ...] | None:
+    """Cheap change detector for the model pair: inode, mtime and size of both files (None if missing)."""
+    try:
+        meta, weights = os.stat(model_dir / METADATA), os.stat(model_dir / WEIGHTS)
+    except OSError:
+        return None
+    return (meta.st_ino, meta.st_mtime_ns, meta.st_size, weights.st_ino, weights.st_mtime_ns, weights.st_size)
+
+
+class ModelSlot:
+    """The model a replica serves, and the reason a newer one in ``model_dir`` is not in use.
+
+    ``poll`` (blocking; call it off the event loop) loads a changed pair and swaps it in only after a
+    successful load and warm-up, so a bad new file leaves the last good model serving.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.current: LoadedModel | None = None
+        self.problem: str | None = f"model in {model_dir} not checked yet"
+        self._seen: tuple[int, ...] | None | str = "never"
+
+    def poll(self) -> bool:
+        """Load the model pair if its files changed since the last attempt; return True on a swap."""
+        signature = _files_signature(self.model_dir)
+        if signature == self._seen:
+            return False
+        self._seen = signature
+        try:
+            loaded = LoadedModel.from_artifact(load_artifact(self.model_dir))
+        except Exception as exc:  # ArtifactError, or anything torch raises on a damaged file
+            self.problem = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
+            if self.current is None:
+                log.warning("no model to serve: %s", self.problem)
+            else:
+                log.error("keeping model %s: %s", self.current.version, self.problem)
+            return False
+        if self.current is not None and loaded.version == self.current.version:
+            self.problem = None
+            return False
+        previous, self.current, self.problem = self.current, loaded, None
+        log.info("serving model %s (was %s)", loaded.version, previous.version if previous else "none")
+        return True
+
+    def require(self) -> LoadedModel:
+        """The current model, or ``ModelUnavailable`` saying why there is none."""
+        current = self.current
+        if current is None:
+            raise ModelUnavailable(self.problem or "no model loaded")
+        return current
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """HTTP status and body for ``/healthz``."""
+        current, problem = self.current, self.problem
+        if current is None:
+            return 503, {"status": "unavailable", "detail": problem or "no model loaded"}
+        body: dict[str, Any] = {"status": "ok", "model_version": current.version}
+        if problem:
+            body |= {
+                "status": "degraded",
+                "detail": f"serving {current.version}; newer files rejected: {problem}",
+            }
+        return 200, body
+
+
+# HTTP: body reading and multipart parsing (lean: the hot path of every request)
+class Part(NamedTuple):
+    """One multipart/form-data part."""
+
+    name: str
+    filename: str | None
+    data: bytes
+
+
+_BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,70})"|([^\s;,"]{1,70}))', re.IGNORECASE)
+_PARAM = re.compile(rb';\s*([\w*.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
+def _unquote(value: bytes) -> str:
+    """Decode a header parameter value, removing quotes and backslash escapes."""
+    if value[:1] == b'"':
+        value = re.sub(rb"\\(.)", rb"\1", value[1:-1])
+    return value.decode("utf-8", "replace").strip()
+
+
+def _disposition(headers: bytes) -> tuple[str, str | None]:
+    """``(name, filename)`` from a part's Content-Disposition header."""
+    for line in headers.split(b"\r\n"):
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-disposition":
+            params = {k.lower(): v for k, v in _PARAM.findall(value)}
+            if b"name" in params:
+                filename = params.get(b"filename")
+                return _unquote(params[b"name"]), None if filename is None else _unquote(filename)
+    raise HTTPException(400, "malformed multipart body: a part has no Content-Disposition name")
+
+
+def parse_multipart(body: bytes, content_type: str, max_parts: int) -> list[Part]:
+    """Split a ``multipart/form-data`` body (RFC 7578) into parts; malformed input raises a 4xx."""
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type != "multipart/form-data":
+        got = media_type or "no Content-Type"
+        raise HTTPException(415, f"expected multipart/form-data with a '{FILE_FIELD}' field, got {got}")
+    match = _BOUNDARY.search(content_type)
+    if match is None:
+        raise HTTPException(400, "malformed multipart body: Content-Type has no boundary")
+    dash_boundary = b"--" + (match.group(1) or match.group(2)).encode("latin-1")
+    delimiter = b"\r\n" + dash_boundary
+    if body.startswith(dash_boundary):
+        pos = len(dash_boundary)
+    else:
+        pos = body.find(delimiter)
+        if pos < 0:
+            raise HTTPException(400, "malformed multipart body: boundary not found")
+        pos += len(delimiter)
+    parts: list[Part] = []
+    while not body.startswith(b"--", pos):  # "--" after a boundary closes the body
+        line_end = body.find(b"\r\n", pos)
+        header_end = body.find(b"\r\n\r\n", line_end) if line_end >= 0 else -1
+        data_end = body.find(delimiter, header_end + 4) if header_end >= 0 else -1
+        if data_end < 0:
+            raise HTTPException(400, "malformed or truncated multipart body: closing boundary not found")
+        if len(parts) == max_parts:
+            raise HTTPException(413, f"too many parts in one request (limit {max_parts})")
+        name, filename = _disposition(body[line_end + 2 : header_end])
+        parts.append(Part(name, filename, body[header_end + 4 : data_end]))
+        pos = data_end + len(delimiter)
+    return parts
+
+
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 from Content-Length or as soon as it grows past ``max_bytes``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPException(400, f"invalid Content-Length {declared!r}")
+        if int(declared) > max_bytes:
+            raise HTTPException(
+                413, f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}"
+            )
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise HTTPException(413, f"request body exceeds the limit of {max_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise HTTPException(408, f"request body not received within {timeout_s:g} s") from None
+    if size == 0:
+        raise HTTPException(400, f"empty request body: send multipart/form-data with a '{FILE_FIELD}' field")
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+# The FastAPI application
+class Backend(Protocol):
+    """What the routes need: settings, the model slot, and an awaitable per-image classifier."""
+
+    settings: Settings
+    slot: ModelSlot
+
+    async def classify(self, image: np.ndarray) -> Prediction:
+        """Classify one 28x28 uint8 image."""
+        ...
+
+
+class PredictionOut(BaseModel):
+    """``POST /predict`` response."""
+
+    prediction: int
+    probs: list[float]
+    model_version: str
+
+
+class ImageResult(BaseModel):
+    """One image's result in a batch response."""
+
+    prediction: int
+    probs: list[float]
+
+
+class BatchOut(BaseModel):
+    """``POST /predict/batch`` response: one result per ``files`` part, in order."""
+
+    results: list[ImageResult]
+    model_version: str
+
+
+class HealthOut(BaseModel):
+    """``GET /healthz`` response (503 with ``detail`` when no model is loaded)."""
+
+    status: str
+    model_version: str | None = None
+    detail: str | None = None
+
+
+class ErrorOut(BaseModel):
+    """Every error response."""
+
+    detail: str
+
+
+def _multipart_body(field_name: str, description: str) -> dict[str, Any]:
+    """OpenAPI request body for a multipart upload (the routes parse the body themselves)."""
+    prop: dict[str, Any] = {"type": "string", "format": "binary", "description": description}
+    if field_name == FILES_FIELD:
+        prop = {"type": "array", "items": {"type": "string", "format": "binary"}, "description": description}
+    schema = {"type": "object", "required": [field_name], "properties": {field_name: prop}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut, "description": text}
+    for code, text in {
+        400: "Malformed request (empty body, broken multipart)",
+        408: "Body not received in time",
+        413: "Body, image or part count over the limit",
+        415: "Not multipart/form-data, or not a supported image format",
+        422: "Missing field, undecodable or unusable image (e.g. no digit found)",
+        503: "No model loaded yet",
+    }.items()
+}
+
+
+def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """Encode a JSON response directly (no response-model validation on the hot path)."""
+    content = json.dumps(body, separators=(",", ":")).encode()
+    return Response(content, status, headers, media_type="application/json")
+
+
+async def _decode(data: bytes, settings: Settings) -> np.ndarray:
+    """Upload bytes to the 28x28 image the model sees; large uploads are decoded in a worker thread."""
+    if len(data) <= settings.inline_decode_bytes:
+        return to_mnist(data, settings.limits)
+    return await asyncio.get_running_loop().run_in_executor(None, to_mnist, data, settings.limits)
+
+
+async def _read_parts(request: Request, settings: Settings) -> list[Part]:
+    """Read and split a multipart request within the body limits."""
+    body = await read_body(request, settings.limits.max_bytes, settings.body_timeout_s)
+    return parse_multipart(body, request.headers.get("content-type", ""), settings.max_files)
+
+
+def _missing(field_name: str, parts: list[Part], hint: str) -> HTTPException:
+    """422 naming the expected field and what was sent instead."""
+    got = sorted({p.name for p in parts})
+    return HTTPException(422, f"missing multipart field '{field_name}' (got {got or 'no fields'}); {hint}")
+
+
+def build_api(backend: Backend) -> FastAPI:
+    """The HTTP API over ``backend``: routes, the upload page and JSON error handlers."""
+    api = FastAPI(
+        title="MNIST digit classifier",
+        summary="Upload an image of a handwritten digit; get the digit and the ten class probabilities.",
+        version="1.0",
+    )
+    index_html = (STATIC_DIR / "index.html").read_bytes()
+    api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @api.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(index_html)
+
+    @api.get("/healthz", response_model=HealthOut, responses={503: {"model": HealthOut}})
+    async def healthz() -> Response:
+        """200 when a model is loaded and warmed up; 503 with the reason otherwise."""
+        status, body = backend.slot.health()
+        return _json(body, status)
+
+    @api.post(
+        "/predict",
+        response_model=PredictionOut,
+        responses=_ERRORS,
+        openapi_extra=_multipart_body(FILE_FIELD, "PNG, JPEG, GIF, BMP or WebP image of one digit"),
+    )
+    async def predict(request: Request) -> Response:
+        """Classify one uploaded image (multipart field `file`)."""
+        settings = backend.settings
+        parts = await _read_parts(request, settings)
+        files = [p for p in parts if p.name == FILE_FIELD]
+        if not files:
+            raise _missing(FILE_FIELD, parts, "send the image as -F file=@digit.png")
+        if len(files) > 1:
+            raise HTTPException(
+                422, f"{len(files)} '{FILE_FIELD}' fields; use POST /predict/batch with '{FILES_FIELD}'"
+            )
+        backend.slot.require()
+        result = await backend.classify(await _decode(files[0].data, settings))
+        return _json(
+            {"prediction": result.digit, "probs": result.probs, "model_version": result.model_version}
+        )
+
+    @api.post(
+        "/predict/batch",
+        response_model=BatchOut,
+        responses=_ERRORS,
+        openapi_extra=_multipart_body(FILES_FIELD, "one or more images, one digit each"),
+    )
+    async def predict_batch(request: Request) -> Response:
+        """Classify several images (repeated multipart field `files`); results come in upload order."""
+        settings = backend.settings
+        parts = await _read_parts(request, settings)
+        files = [p for p in parts if p.name == FILES_FIELD]
+        if not files:
+            raise _missing(FILES_FIELD, parts, "send -F files=@a.png -F files=@b.png")
+        backend.slot.require()
+        images = []
+        for index, part in enumerate(files):
+            try:
+                images.append(await _decode(part.data, settings))
+            except InputError as exc:
+                name = f" ({part.filename})" if part.filename else ""
+                raise InputError(exc.status_code, f"files[{index}]{name}: {exc.detail}") from None
+        results = await asyncio.gather(*(backend.classify(image) for image in images))
+        return _json(
+            {
+                "results": [{"prediction": r.digit, "probs": r.probs} for r in results],
+                "model_version": results[0].model_version,
+            }
+        )
+
+    _add_error_handlers(api)
+    return api
+
+
+def _add_error_handlers(api: FastAPI) -> None:
+    """Render every error as ``{"detail": "<what was wrong>"}``."""
+
+    @api.exception_handler(InputError)
+    async def input_error(_: Request, exc: InputError) -> Response:
+        return _json({"detail": exc.detail}, exc.status_code)
+
+    @api.exception_handler(ModelUnavailable)
+    async def unavailable(_: Request, exc: ModelUnavailable) -> Response:
+        return _json({"detail": f"model not loaded: {exc}"}, 503, {"Retry-After": "2"})
+
+    @api.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        detail = exc.detail
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            detail = f"method {request.method} not allowed on {request.url.path}; use {allowed}"
+        elif exc.status_code == 404:
+            detail = f"no route {request.url.path}; see /docs"
+        return _json({"detail": detail}, exc.status_code, exc.headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return _json({"detail": f"invalid request: {problems}"}, 422)
+
+
+# The Serve deployment
+def _replica_cpus() -> int:
+    """Whole CPUs Ray reserved for this replica (at least 1): the torch thread count."""
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+@serve.ingress()
+class MNISTClassifier:
+    """One replica: the model from ``MODEL_DIR`` (hot-reloaded), batched inference, the HTTP API.
+
+    A replica without a usable model stays up (healthy to Serve) and answers 503 with the reason until a
+    model appears; ``check_health`` fails only if the replica itself is broken.
+    """
+
+    async def __init__(self) -> None:
+        torch.set_num_threads(_replica_cpus())
+        self.settings = Settings()
+        self.slot = ModelSlot(Path(os.environ.get("MODEL_DIR", DEFAULT_MODEL_DIR)))
+        await asyncio.to_thread(self.slot.poll)
+        self._watcher = asyncio.create_task(self._watch_model())
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply ``user_config`` (batching, limits, timeouts) without a restart."""
+        self.settings = Settings.from_user_config(user_config)
+        self.classify.set_max_batch_size(self.settings.max_batch_size)
+        self.classify.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        """Fail only when the replica is broken (the model watcher died), not when a model is missing."""
+        if self._watcher.done():
+            raise RuntimeError(f"model watcher stopped: {self._watcher}")
+
+    async def _watch_model(self) -> None:
+        """Poll the model directory and swap in new versions."""
+        while True:
+            await asyncio.sleep(self.settings.model_poll_interval_s)
+            try:
+                await asyncio.to_thread(self.slot.poll)
+            except Exception:  # never let a surprise end the watcher; the next poll retries
+                log.exception("model poll failed")
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def classify(self, images: list[np.ndarray]) -> list[Prediction]:
+        """Classify a batch of 28x28 uint8 images with the current model."""
+        return self.slot.require().predict(images)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Build the HTTP API inside the replica (Serve calls this after ``__init__``)."""
+        return build_api(self)
+
+
+app = MNISTClassifier.bind()

@@ -1,0 +1,753 @@
+"""Serving: the routes, multipart parsing, settings and hot reload without Ray (unit), then a real
+``serve run ray_app/serve_config.yaml`` answering over HTTP on port 8000 (integration).
+
+Run: pytest tests/test_serve.py -m "not integration"     (seconds, no Ray)
+     pytest tests/test_serve.py -m integration           (starts Ray Serve on port 8000; a few minutes)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+from fastapi.testclient import TestClient
+from PIL import Image, ImageDraw
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from ray_app.model import METADATA, WEIGHTS, ModelConfig, Net, load_artifact, save_artifact
+from ray_app.preprocess import Limits, preprocess, to_mnist
+from ray_app.serve import (
+    LoadedModel,
+    ModelSlot,
+    Prediction,
+    Settings,
+    app,
+    build_api,
+    parse_multipart,
+    read_body,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = ROOT / "ray_app" / "serve_config.yaml"
+SAMPLES = ROOT / "samples"
+PORT = 8000
+URL = f"http://127.0.0.1:{PORT}"
+NORMALIZATION = {"mean": 0.1307, "std": 0.3081}
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+# ---- images
+def encode(img: Image.Image, fmt: str = "PNG", **params: Any) -> bytes:
+    """Image file bytes."""
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def stroke_image(kind: str, size: int = 200, mode: str = "L") -> Image.Image:
+    """Black strokes on white at ``size``: a vertical bar ("bar"), a ring ("ring") or a cross ("cross")."""
+    img = Image.new(mode, (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    width, lo, hi = size // 12, size // 5, size * 4 // 5
+    if kind == "bar":
+        draw.line([(size // 2, lo), (size // 2, hi)], fill="black", width=width)
+    elif kind == "ring":
+        draw.ellipse([lo + size // 10, lo, hi - size // 10, hi], outline="black", width=width)
+    else:
+        draw.line([(lo, lo), (hi, hi)], fill="black", width=width)
+        draw.line([(lo, hi), (hi, lo)], fill="black", width=width)
+    return img
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny valid-looking PNG whose header declares ``width`` x ``height`` (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+        + chunk(b"IEND", b"")
+    )
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "b0undary") -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type, built by hand (name, filename, data)."""
+    body = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+BAR, RING, CROSS = (encode(stroke_image(kind)) for kind in ("bar", "ring", "cross"))
+NOISE = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300), dtype=np.uint8)))
+
+# (id, request kwargs for httpx, expected status, text the detail must contain)
+BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
+    ("wrong-field", {"files": {"image": ("a.png", BAR)}}, 422, "missing multipart field 'file'"),
+    (
+        "empty-body",
+        {"content": b"", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+        400,
+        "empty",
+    ),
+    ("json-body", {"json": {"file": "x"}}, 415, "expected multipart/form-data"),
+    ("form-urlencoded", {"data": {"file": "x"}}, 415, "expected multipart/form-data"),
+    ("no-boundary", {"content": b"abc", "headers": {"content-type": "multipart/form-data"}}, 400, "boundary"),
+    (
+        "truncated-multipart",
+        {
+            "content": multipart([("file", "a.png", BAR)])[0][:-20],
+            "headers": {"content-type": multipart([])[1]},
+        },
+        400,
+        "closing boundary",
+    ),
+    (
+        "two-file-fields",
+        {"files": [("file", ("a.png", BAR)), ("file", ("b.png", BAR))]},
+        422,
+        "/predict/batch",
+    ),
+    ("empty-file", {"files": {"file": ("a.png", b"")}}, 422, "empty upload"),
+    ("not-an-image", {"files": {"file": ("a.png", b"hello, world" * 10)}}, 415, "not an image"),
+    ("text-field", {"data": {"x": "1"}, "files": {"file": ("a.txt", b"just text")}}, 415, "not an image"),
+    ("truncated-png", {"files": {"file": ("a.png", NOISE[: len(NOISE) // 2])}}, 422, "truncated"),
+    ("decompression-bomb", {"files": {"file": ("bomb.png", png_declaring(30000, 30000))}}, 413, "pixels"),
+    ("too-many-pixels", {"files": {"file": ("big.png", png_declaring(6000, 6000))}}, 413, "pixels"),
+    ("absurd-aspect", {"files": {"file": ("a.png", encode(Image.new("L", (2000, 20), 255)))}}, 422, "aspect"),
+    ("blank", {"files": {"file": ("a.png", encode(Image.new("L", (100, 100), 255)))}}, 422, "no digit found"),
+    ("float-mode", {"files": {"file": ("a.tif", encode(Image.new("F", (50, 50)), "TIFF"))}}, 415, ""),
+]
+
+
+# ---- unit: the API without Ray
+def publish(model_dir: Path, seed: int = 0) -> str:
+    """Publish a randomly initialised model (enough to exercise the wiring) and return its version."""
+    torch.manual_seed(seed)
+    meta = {"config": asdict(ModelConfig()), "normalization": NORMALIZATION}
+    return save_artifact(model_dir, Net().state_dict(), meta)
+
+
+def publish_broken(model_dir: Path) -> None:
+    """Swap in a consistent but unusable pair: weights of a narrower network than ``model.json`` declares."""
+    buffer = io.BytesIO()
+    torch.save(Net(conv1=8).state_dict(), buffer)
+    weights = buffer.getvalue()
+    meta = {
+        "version": "broken",
+        "architecture": "Net",
+        "config": asdict(ModelConfig()),
+        "normalization": NORMALIZATION,
+        "sha256": hashlib.sha256(weights).hexdigest(),
+    }
+    for name, data in ((WEIGHTS, weights), (METADATA, json.dumps(meta).encode())):
+        (model_dir / f".{name}.tmp").write_bytes(data)
+        os.replace(model_dir / f".{name}.tmp", model_dir / name)
+
+
+class DirectBackend:
+    """The routes' backend without Serve: each image is classified alone (in a replica Serve batches them)."""
+
+    def __init__(self, model_dir: Path, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.slot = ModelSlot(model_dir)
+        self.slot.poll()
+
+    async def classify(self, image: np.ndarray) -> Prediction:
+        return self.slot.require().predict([image])[0]
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    publish(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def client(model_dir: Path) -> TestClient:
+    return TestClient(build_api(DirectBackend(model_dir)))
+
+
+def test_predict_returns_digit_probabilities_and_version(client: TestClient, model_dir: Path) -> None:
+    response = client.post("/predict", files={"file": ("bar.png", BAR, "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"prediction", "probs", "model_version"}
+    assert body["model_version"] == load_artifact(model_dir).meta["version"]
+    assert len(body["probs"]) == 10 and abs(sum(body["probs"]) - 1) < 1e-4
+    assert body["prediction"] == int(np.argmax(body["probs"]))
+
+
+def test_batch_gives_one_result_per_image_in_order(client: TestClient) -> None:
+    images = [BAR, RING, CROSS, RING, BAR]
+    singles = [client.post("/predict", files={"file": ("x.png", data)}).json()["probs"] for data in images]
+    response = client.post(
+        "/predict/batch", files=[("files", (f"{i}.png", data)) for i, data in enumerate(images)]
+    )
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    np.testing.assert_allclose([r["probs"] for r in results], singles, atol=1e-5)
+    assert len({tuple(p) for p in singles}) == 3  # the three shapes differ, so order is really checked
+
+
+def test_batch_error_names_the_bad_file(client: TestClient) -> None:
+    files = [("files", ("good.png", BAR)), ("files", ("bad.png", b"not an image"))]
+    response = client.post("/predict/batch", files=files)
+    assert response.status_code == 415
+    assert response.json()["detail"].startswith("files[1] (bad.png): not an image")
+
+
+def test_batch_without_files_field_names_it(client: TestClient) -> None:
+    response = client.post("/predict/batch", files={"file": ("a.png", BAR)})
+    assert response.status_code == 422
+    assert "missing multipart field 'files'" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "detail"), [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS]
+)
+def test_bad_requests_get_a_clear_4xx(
+    client: TestClient, kwargs: dict[str, Any], status: int, detail: str
+) -> None:
+    response = client.post("/predict", **kwargs)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert detail in response.json()["detail"]
+
+
+def test_wrong_method_and_unknown_route(client: TestClient) -> None:
+    response = client.get("/predict")
+    assert response.status_code == 405
+    assert response.json() == {"detail": "method GET not allowed on /predict; use POST"}
+    assert client.post("/nope").json() == {"detail": "no route /nope; see /docs"}
+
+
+def test_body_over_the_limit_is_413_from_header_and_while_reading(model_dir: Path) -> None:
+    settings = Settings(limits=Limits(max_bytes=1000))
+    client = TestClient(build_api(DirectBackend(model_dir, settings)))
+    body, content_type = multipart([("file", "a.png", b"x" * 2000)])
+    declared = client.post("/predict", content=body, headers={"content-type": content_type})
+    assert declared.status_code == 413 and "exceeds the limit of 1000" in declared.json()["detail"]
+    streamed = client.post(
+        "/predict", content=iter([body[:600], body[600:]]), headers={"content-type": content_type}
+    )
+    assert "content-length" not in streamed.request.headers
+    assert streamed.status_code == 413 and "exceeds the limit of 1000" in streamed.json()["detail"]
+
+
+def test_too_many_parts_is_413(model_dir: Path) -> None:
+    client = TestClient(build_api(DirectBackend(model_dir, Settings(max_files=3))))
+    response = client.post("/predict/batch", files=[("files", (f"{i}.png", BAR)) for i in range(4)])
+    assert response.status_code == 413 and "limit 3" in response.json()["detail"]
+
+
+def test_slow_body_is_408() -> None:
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(1)
+        return {"type": "http.request", "body": b"x", "more_body": False}
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    with pytest.raises(HTTPException) as raised:
+        asyncio.run(read_body(request, 1000, 0.05))
+    assert raised.value.status_code == 408
+
+
+def test_without_model_predict_and_healthz_are_503_with_the_reason(tmp_path: Path) -> None:
+    client = TestClient(build_api(DirectBackend(tmp_path)))
+    health = client.get("/healthz")
+    assert health.status_code == 503
+    assert health.json()["status"] == "unavailable" and "no model yet" in health.json()["detail"]
+    response = client.post("/predict", files={"file": ("a.png", BAR)})
+    assert response.status_code == 503 and response.headers["retry-after"]
+    assert response.json()["detail"].startswith("model not loaded: no model yet")
+
+
+def test_healthz_reports_the_loaded_version(client: TestClient, model_dir: Path) -> None:
+    version = load_artifact(model_dir).meta["version"]
+    assert client.get("/healthz").json() == {"status": "ok", "model_version": version}
+
+
+def test_page_docs_and_openapi(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for asset in re.findall(r'(?:src|href)="(static/[^"]+)"', page.text):
+        assert client.get("/" + asset).status_code == 200
+    assert client.get("/docs").status_code == 200
+    schema = client.get("/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert schema["multipart/form-data"]["schema"]["required"] == ["file"]
+
+
+def test_static_files_load_nothing_from_the_internet() -> None:
+    for path in (ROOT / "ray_app" / "static").iterdir():
+        assert not re.search(r"(?:src|href|url|import)\W+(?:https?:)?//", path.read_text()), path
+
+
+# ---- unit: multipart parsing
+def test_multipart_keeps_binary_data_exactly() -> None:
+    data = b"\r\n--b0undar\r\n--\x00\xff" * 50  # looks like a boundary but is not one
+    body, content_type = multipart([("file", "x.png", data), ("note", None, b"hi")])
+    parts = parse_multipart(b"preamble\r\n" + body + b"epilogue", content_type, 10)
+    assert [(p.name, p.filename, p.data) for p in parts] == [("file", "x.png", data), ("note", None, b"hi")]
+
+
+def test_multipart_quoted_boundary_and_escaped_filename() -> None:
+    body = (
+        b"--a:b c\r\nContent-Type: image/png\r\n"
+        b'content-disposition: form-data; filename="q\\"x.png"; name=file\r\n'
+        b"\r\nDATA\r\n--a:b c--"
+    )
+    (part,) = parse_multipart(body, 'multipart/form-data; boundary="a:b c"', 10)
+    assert part == ("file", 'q"x.png', b"DATA")
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b"--x\r\n\r\nDATA\r\n--x--", "multipart/form-data; boundary=x", 400),  # part without a name
+        (
+            b"--x\r\nContent-Disposition: form-data; name=file\r\n\r\nDATA",
+            "multipart/form-data; boundary=x",
+            400,
+        ),
+        (b"DATA", "multipart/form-data; boundary=x", 400),
+        (b"DATA", "image/png", 415),
+    ],
+)
+def test_malformed_multipart(body: bytes, content_type: str, status: int) -> None:
+    with pytest.raises(HTTPException) as raised:
+        parse_multipart(body, content_type, 10)
+    assert raised.value.status_code == status
+
+
+# ---- unit: settings, model slot, batched inference
+def test_serve_config_is_valid_and_consistent() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    ServeDeploySchema.model_validate(config)  # Ray's own schema for `serve deploy`
+    assert config["http_options"] | {"host": "0.0.0.0", "port": PORT} == config["http_options"]
+    (application,) = config["applications"]
+    assert application["import_path"] == "ray_app.serve:app" and application["route_prefix"] == "/"
+    assert "runtime_env" not in application
+    (deployment,) = application["deployments"]
+    assert deployment["name"] == app._bound_deployment.name
+    settings = Settings.from_user_config(deployment["user_config"])
+    assert deployment["max_ongoing_requests"] >= settings.max_batch_size
+    assert deployment["max_queued_requests"] >= 200  # well above the concurrency tests and benchmarks use
+    assert settings.limits == Limits()  # the file states the defaults explicitly
+
+
+@pytest.mark.parametrize(
+    "user_config",
+    [{"max_batchsize": 8}, {"limits": {"max_byte": 1}}, {"max_batch_size": 0}, {"body_timeout_s": 0}],
+)
+def test_bad_user_config_is_refused(user_config: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="user_config"):
+        Settings.from_user_config(user_config)
+
+
+def test_model_slot_hot_reload(tmp_path: Path) -> None:
+    slot = ModelSlot(tmp_path)
+    assert not slot.poll() and slot.current is None and "no model yet" in slot.health()[1]["detail"]
+    first = publish(tmp_path, seed=1)
+    assert slot.poll() and slot.current.version == first
+    assert not slot.poll()  # unchanged files: nothing loaded
+
+    publish_broken(tmp_path)  # a bad new pair: keep serving the last good model
+    assert not slot.poll()
+    status, body = slot.health()
+    assert status == 200 and body["status"] == "degraded" and body["model_version"] == first
+    assert "does not fit" in body["detail"]
+
+    time.sleep(1.1)  # versions are timestamped to the second
+    second = publish(tmp_path, seed=2)
+    assert (
+        slot.poll()
+        and slot.current.version == second
+        and slot.health() == (200, {"status": "ok", "model_version": second})
+    )
+
+
+def test_batched_inference_matches_single_images_and_the_training_normalisation(model_dir: Path) -> None:
+    artifact = load_artifact(model_dir)
+    loaded = LoadedModel.from_artifact(artifact)
+    images = [BAR, RING, CROSS]
+    batch = loaded.predict([to_mnist(data) for data in images])
+    for data, result in zip(images, batch, strict=True):
+        (single,) = loaded.predict([to_mnist(data)])
+        assert result.probs == pytest.approx(single.probs, abs=1e-5)
+        x = torch.from_numpy(preprocess(data, **NORMALIZATION))[None, None]
+        with torch.inference_mode():
+            expected = torch.softmax(artifact.model(x), dim=1)[0].tolist()
+        assert result.probs == pytest.approx(expected, abs=1e-5)
+
+
+# ---- integration: a real `serve run` over HTTP
+def publish_copy(source: Path, model_dir: Path) -> str:
+    """Publish the model in ``source`` to ``model_dir`` again: same weights, a new version id."""
+    artifact = load_artifact(source)
+    meta = {k: v for k, v in artifact.meta.items() if k not in ("version", "sha256", "architecture")}
+    time.sleep(1.1)  # versions are timestamped to the second
+    return save_artifact(model_dir, artifact.model.state_dict(), meta)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _own_processes(marker: str) -> list[int]:
+    """PIDs whose command line mentions ``marker`` (the private Ray temp dir of one run)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    return [
+        int(line.split(None, 1)[0])
+        for line in out.splitlines()
+        if marker in line and str(os.getpid()) != line.split()[0]
+    ]
+
+
+class ServeRun(NamedTuple):
+    """A running ``serve run``: HTTP address, Ray dashboard address (for the ``serve`` CLI), its log."""
+
+    url: str
+    dashboard: str
+    log: Path
+
+
+@contextmanager
+def running_serve_app(
+    model_dir: Path, timeout_s: float = 240, env: dict[str, str] | None = None
+) -> Iterator[ServeRun]:
+    """``serve run`` the Serve config with ``MODEL_DIR=model_dir`` on a Ray of its own; yield its addresses.
+
+    Ready once the app itself answers ``/healthz`` (200, or 503 without a model). On exit: SIGINT (Serve shuts
+    down and the Ray it started stops), then SIGTERM/SIGKILL if needed, and any process left of that Ray is
+    killed, so nothing keeps running after the tests.
+    """
+    assert _port_free(PORT), f"port {PORT} is busy; stop whatever serves there first"
+    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    run_env = {
+        **os.environ,
+        "RAY_SERVE_ENABLE_HA_PROXY": "1" if sys.platform == "linux" else "0",  # as `make serve` runs it
+        **(env or {}),
+        "MODEL_DIR": str(model_dir),
+        "RAY_TMPDIR": ray_tmp,  # a fresh Ray: never join a cluster someone else started
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        # HAProxy ingress (when enabled): its files and side ports private to this run, not the shared defaults
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{ray_tmp}/haproxy/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{ray_tmp}/haproxy/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": f"{ray_tmp}/haproxy",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{ray_tmp}/haproxy/server-state",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{ray_tmp}/haproxy/metrics.sock",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+    }
+    run_env.pop("RAY_ADDRESS", None)
+    log_path = Path(ray_tmp) / "serve_run.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ray.serve.scripts", "run", str(SERVE_CONFIG)],
+            cwd=ROOT,
+            env=run_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert proc.poll() is None, f"serve run exited {proc.returncode}:\n{log_path.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, (
+                f"app not up in {timeout_s} s:\n{log_path.read_text()[-4000:]}"
+            )
+            try:
+                if "status" in httpx.get(f"{URL}/healthz", timeout=2).json():
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(1)
+        dashboard = re.search(r"dashboard at \S*?(http://[\d.]+:\d+)", log_path.read_text())
+        yield ServeRun(URL, dashboard.group(1) if dashboard else "", log_path)
+    finally:
+        for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            if proc.poll() is not None:
+                break
+            os.killpg(proc.pid, sig)
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(wait_s)
+        for pid in _own_processes(ray_tmp):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+class Served(NamedTuple):
+    """The running app, its model folder, and what ``/healthz`` said before the model appeared."""
+
+    url: str
+    dashboard: str
+    model_dir: Path
+    first_health: httpx.Response
+    pickup_s: float
+
+
+@pytest.fixture(scope="module")
+def served(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The app started on an empty model folder; the trained model is published once it is up."""
+    model_dir = tmp_path_factory.mktemp("served-model")
+    with running_serve_app(model_dir) as run:
+        url = run.url
+        first_health = httpx.get(f"{url}/healthz", timeout=5)
+        published = time.monotonic()
+        version = publish_copy(trained_model_dir, model_dir)
+        while httpx.get(f"{url}/healthz", timeout=5).json().get("model_version") != version:
+            assert time.monotonic() - published < 30, "model not picked up in 30 s"
+            time.sleep(0.2)
+        yield Served(url, run.dashboard, model_dir, first_health, time.monotonic() - published)
+
+
+def sample_files() -> list[tuple[Path, int]]:
+    """Committed samples with their digit, read from the file name (``zero.png``, ``7_paper.png`` …)."""
+    found = []
+    for path in sorted(SAMPLES.glob("*.png")):
+        words = [w for w in re.split(r"[^a-z0-9]+", path.stem.lower()) if w]
+        digits = [
+            WORDS.index(w) if w in WORDS else int(w)
+            for w in words
+            if w in WORDS or (w.isdigit() and len(w) == 1)
+        ]
+        if digits:
+            found.append((path, digits[0]))
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_healthz_is_503_until_the_model_appears(served: Served) -> None:
+    assert served.first_health.status_code == 503
+    assert served.first_health.json()["status"] == "unavailable"
+    assert "no model yet" in served.first_health.json()["detail"]
+    assert served.pickup_s < 10  # picked up by polling, no restart
+    health = httpx.get(f"{served.url}/healthz", timeout=5)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_samples_are_predicted_correctly(served: Served) -> None:
+    samples = sample_files()
+    assert len(samples) >= 10, f"expected all ten digits in {SAMPLES}"
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        for path, digit in samples:
+            response = http.post("/predict", files={"file": (path.name, path.read_bytes(), "image/png")})
+            assert response.status_code == 200, response.text
+            assert response.json()["prediction"] == digit, path.name
+        files = [("files", (path.name, path.read_bytes())) for path, _ in samples]
+        results = http.post("/predict/batch", files=files).json()["results"]
+        assert [r["prediction"] for r in results] == [digit for _, digit in samples]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_the_seed_curl_call_works_unchanged(served: Served) -> None:
+    command = ["curl", "-s", "-X", "POST", "-F", "file=@samples/zero.png", f"{served.url}/predict"]
+    body = json.loads(subprocess.run(command, cwd=ROOT, capture_output=True, check=True, timeout=30).stdout)
+    assert body["prediction"] == 0 and len(body["probs"]) == 10 and body["model_version"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_bad_requests_over_http(served: Served) -> None:
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        for name, kwargs, status, detail in BAD_REQUESTS:
+            response = http.post("/predict", **kwargs)
+            assert response.status_code == status, (name, response.text)
+            assert detail in response.json()["detail"], name
+        for method in ("GET", "PUT", "DELETE"):
+            response = http.request(method, "/predict")
+            assert response.status_code == 405 and "use POST" in response.json()["detail"]
+        huge = http.post("/predict", files={"file": ("big.png", b"\0" * (6 * 1024 * 1024))})
+        assert huge.status_code == 413 and "exceeds the limit" in huge.json()["detail"]
+        chunked = http.post(
+            "/predict",
+            content=iter([b"x" * 1024 * 1024] * 6),
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        )
+        assert chunked.status_code == 413
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_unusual_image_modes_are_handled(served: Served) -> None:
+    ring = stroke_image("ring", 120)
+    palette_alpha = ring.convert("RGBA").convert("P")
+    palette_alpha.info["transparency"] = 0
+    cases = {
+        "cmyk.jpg": encode(ring.convert("CMYK"), "JPEG"),
+        "16bit.png": encode(Image.fromarray(np.asarray(ring, dtype=np.uint16) * 257), "PNG"),
+        "palette-alpha.png": encode(palette_alpha, "PNG"),
+        "rgba.webp": encode(ring.convert("RGBA"), "WEBP"),
+        "frames.gif": encode(ring, "GIF", save_all=True, append_images=[stroke_image("bar", 120)]),
+        "bitmap.bmp": encode(ring, "BMP"),
+    }
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        for name, data in cases.items():
+            response = http.post("/predict", files={"file": (name, data)})
+            assert response.status_code == 200, (name, response.text)
+            assert response.json()["prediction"] == 0, name
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_200_concurrent_requests_all_succeed(served: Served) -> None:
+    data = (SAMPLES / "zero.png").read_bytes()
+
+    async def fire() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=served.url, timeout=60, limits=limits) as http:
+            return await asyncio.gather(
+                *(http.post("/predict", files={"file": ("0.png", data)}) for _ in range(200))
+            )
+
+    responses = asyncio.run(fire())
+    assert [r.status_code for r in responses] == [200] * 200
+    assert {r.json()["prediction"] for r in responses} == {0}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_new_model_version_is_picked_up_without_a_failed_request(
+    served: Served, trained_model_dir: Path
+) -> None:
+    data = (SAMPLES / "zero.png").read_bytes()
+    old = httpx.get(f"{served.url}/healthz", timeout=5).json()["model_version"]
+
+    async def load(new_version: asyncio.Future[str]) -> list[tuple[int, str]]:
+        seen: list[tuple[int, str]] = []
+        async with httpx.AsyncClient(base_url=served.url, timeout=30) as http:
+
+            async def worker() -> None:
+                deadline = None
+                while deadline is None or time.monotonic() < deadline:
+                    response = await http.post("/predict", files={"file": ("0.png", data)})
+                    version = response.json().get("model_version", "") if response.status_code == 200 else ""
+                    seen.append((response.status_code, version))
+                    if deadline is None and new_version.done() and version == new_version.result():
+                        deadline = time.monotonic() + 2  # keep going a little after the switch
+
+            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(8))), 60)
+        return seen
+
+    async def scenario() -> tuple[list[tuple[int, str]], str]:
+        new_version: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        traffic = asyncio.create_task(load(new_version))
+        await asyncio.sleep(2)
+        new_version.set_result(await asyncio.to_thread(publish_copy, trained_model_dir, served.model_dir))
+        return await traffic, new_version.result()
+
+    seen, new = asyncio.run(scenario())
+    assert new != old
+    assert {status for status, _ in seen} == {200}, f"{len(seen)} requests"
+    assert {version for _, version in seen} == {old, new}
+    assert httpx.get(f"{served.url}/healthz", timeout=5).json() == {"status": "ok", "model_version": new}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_a_bad_model_file_keeps_the_last_good_model(served: Served, trained_model_dir: Path) -> None:
+    good = httpx.get(f"{served.url}/healthz", timeout=5).json()["model_version"]
+    publish_broken(served.model_dir)
+    deadline = time.monotonic() + 30
+    while (health := httpx.get(f"{served.url}/healthz", timeout=5).json())["status"] != "degraded":
+        assert time.monotonic() < deadline, health
+        time.sleep(0.5)
+    assert health["model_version"] == good and "does not fit" in health["detail"]
+    response = httpx.post(
+        f"{served.url}/predict", files={"file": ("0.png", (SAMPLES / "zero.png").read_bytes())}
+    )
+    assert response.status_code == 200 and response.json()["model_version"] == good
+
+    fixed = publish_copy(trained_model_dir, served.model_dir)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{served.url}/healthz", timeout=5).json() != {"status": "ok", "model_version": fixed}:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_page_and_docs_through_serve(served: Served) -> None:
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        page = http.get("/")
+        assert page.status_code == 200 and "<title>MNIST digit classifier</title>" in page.text
+        assert http.get("/static/app.js").status_code == 200
+        assert http.get("/docs").status_code == 200
+        assert "/predict/batch" in http.get("/openapi.json").json()["paths"]
+
+
+def serve_cli(*args: str, dashboard: str) -> subprocess.CompletedProcess:
+    """Run the ``serve`` CLI against a cluster's dashboard (token auth: the CLI reads ~/.ray/auth_token)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    command = [sys.executable, "-m", "ray.serve.scripts", *args, "--address", dashboard]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_serve_status_and_an_in_place_user_config_update(served: Served, tmp_path: Path) -> None:
+    status = serve_cli("status", dashboard=served.dashboard)
+    assert status.returncode == 0, status.stderr
+    assert yaml.safe_load(status.stdout)["applications"]["mnist"]["status"] == "RUNNING"
+    data = (SAMPLES / "zero.png").read_bytes()
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    config["applications"][0]["deployments"][0]["user_config"]["limits"]["max_bytes"] = len(data) // 2
+    smaller = tmp_path / "serve_config.yaml"
+    smaller.write_text(yaml.safe_dump(config))
+    try:
+        assert serve_cli("deploy", str(smaller), dashboard=served.dashboard).returncode == 0
+        deadline = time.monotonic() + 60
+        while (
+            response := httpx.post(f"{served.url}/predict", files={"file": ("0.png", data)})
+        ).status_code != 413:
+            assert response.status_code == 200 and time.monotonic() < deadline  # never unavailable meanwhile
+            time.sleep(0.5)
+    finally:
+        assert serve_cli("deploy", str(SERVE_CONFIG), dashboard=served.dashboard).returncode == 0
+    deadline = time.monotonic() + 60
+    while httpx.post(f"{served.url}/predict", files={"file": ("0.png", data)}).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
