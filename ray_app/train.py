@@ -199,7 +199,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data-dir",
         default=_env("MNIST_DATA_DIR", str(Path(model_dir) / "data")),
-        help="MNIST folder, fetched there once if missing (env MNIST_DATA_DIR; default <model-dir>/data)",
+        help="MNIST folder (holds MNIST/raw), fetched there once if missing (env MNIST_DATA_DIR)",
     )
     p.add_argument(
         "--num-workers", type=int, default=_env("NUM_WORKERS", 2), help="Ray Train workers (env NUM_WORKERS)"
@@ -215,12 +215,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=int, default=_env("BATCH_SIZE", 256), help="global batch size (env BATCH_SIZE)"
     )
     p.add_argument(
-        "--lr", type=float, default=_env("LR", 0.004), help="peak learning rate of the one-cycle schedule"
+        "--lr",
+        type=float,
+        default=_env("LR", 0.004),
+        help="peak learning rate of the one-cycle schedule (env LR)",
     )
     p.add_argument(
-        "--max-failures", type=int, default=_env("MAX_FAILURES", 3), help="worker-group restarts allowed"
+        "--max-failures",
+        type=int,
+        default=_env("MAX_FAILURES", 3),
+        help="worker-group restarts allowed (env MAX_FAILURES)",
     )
-    p.add_argument("--seed", type=int, default=_env("SEED", 1), help="random seed")
+    p.add_argument("--seed", type=int, default=_env("SEED", 1), help="random seed (env SEED)")
     p.add_argument(
         "--min-accuracy",
         type=float,
@@ -236,10 +242,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--storage-path",
         default=_env("STORAGE_PATH", ""),
-        help="Ray Train run storage, shared by all nodes (env STORAGE_PATH; default <model-dir>/ray_results)",
+        help="Ray Train run storage shared by all nodes (env STORAGE_PATH) (default: <model-dir>/ray_results)%(default)s",
     )
     p.add_argument(
-        "--run-name", default=_env("RUN_NAME", ""), help="reuse a name to resume that run (default: unique)"
+        "--run-name",
+        default=_env("RUN_NAME", ""),
+        help="reuse a name to resume that run (env RUN_NAME) (default: a new unique name)%(default)s",
     )
     p.add_argument("--smoke", action="store_true", help="quick check: 2000 images, 1 epoch, no accuracy gate")
     args = p.parse_args(argv)
