@@ -253,7 +253,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.train_limit, args.epochs, args.min_accuracy = 2000, 1, 0.0
+    # Workers run in other folders (and on other nodes): make local paths absolute; URIs stay as they are.
+    args.model_dir, args.data_dir = os.path.abspath(args.model_dir), os.path.abspath(args.data_dir)
     args.storage_path = args.storage_path or str(Path(args.model_dir) / "ray_results")
+    if "://" not in args.storage_path:
+        args.storage_path = os.path.abspath(args.storage_path)
     args.run_name = args.run_name or f"mnist-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     return args
 
