@@ -35,12 +35,15 @@ def write_plots(
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.2, 4.6), constrained_layout=True)
-    image = ax.imshow(
-        [[min(v, 30) if i != j else 0 for j, v in enumerate(row)] for i, row in enumerate(confusion)]
-    )
+    errors_only = [
+        [min(v, 30) if i != j else 0 for j, v in enumerate(row)] for i, row in enumerate(confusion)
+    ]
+    image = ax.imshow(errors_only)
+    bright = max(max(row) for row in errors_only) * 0.6
     for i, row in enumerate(confusion):
         for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color="w" if i != j else "k")
+            color = "k" if errors_only[i][j] > bright else "w"
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color=color)
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true digit")
     errors = sum(sum(row) for row in confusion) - sum(confusion[i][i] for i in range(10))
     ax.set_title(f"Confusion matrix, test set ({errors} errors)")
