@@ -220,7 +220,9 @@ _PARAM = re.compile(rb';\s*([\w*.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 def _unquote(value: bytes) -> str:
     """Decode a header parameter value, removing quotes and backslash escapes."""
     if value[:1] == b'"':
-        value = re.sub(rb"\\(.)", rb"\1", value[1:-1])
+        value = value[1:-1]
+        if b"\\" in value:
+            value = re.sub(rb"\\(.)", rb"\1", value)
     return value.decode("utf-8", "replace").strip()
 
 
@@ -283,11 +285,17 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     size = 0
     try:
         async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
+            while True:  # raw ASGI messages: cheaper than request.stream() on the hot path
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    raise HTTPException(400, "client disconnected before sending the whole body")
+                chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > max_bytes:
                     raise HTTPException(413, f"request body exceeds the limit of {max_bytes} bytes")
                 chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
     except TimeoutError:
         raise HTTPException(408, f"request body not received within {timeout_s:g} s") from None
     if size == 0:
@@ -396,6 +404,9 @@ def build_api(backend: Backend) -> FastAPI:
         title="MNIST digit classifier",
         summary="Upload an image of a handwritten digit; get the digit and the ten class probabilities.",
         version="1.0",
+        redoc_url=None,
+        # FastAPI's native OpenTelemetry hooks check global providers on every request; Serve traces instead
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     index_html = (STATIC_DIR / "index.html").read_bytes()
     api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

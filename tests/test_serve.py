@@ -431,14 +431,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _own_processes(marker: str) -> list[int]:
-    """PIDs whose command line mentions ``marker`` (the private Ray temp dir of one run)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
-    return [
-        int(line.split(None, 1)[0])
-        for line in out.splitlines()
-        if marker in line and str(os.getpid()) != line.split()[0]
-    ]
+def _session_processes(session: int) -> list[int]:
+    """PIDs in a session: ``serve run`` started with ``start_new_session`` and every Ray process it spawned
+    (workers rename themselves to ``ray::...`` but keep the session)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
+    return [int(pid) for pid, sid in (line.split() for line in out.splitlines()) if int(sid) == session]
 
 
 class ServeRun(NamedTuple):
@@ -456,7 +453,7 @@ def running_serve_app(
     """``serve run`` the Serve config with ``MODEL_DIR=model_dir`` on a Ray of its own; yield its addresses.
 
     Ready once the app itself answers ``/healthz`` (200, or 503 without a model). On exit: SIGINT (Serve shuts
-    down and the Ray it started stops), then SIGTERM/SIGKILL if needed, and any process left of that Ray is
+    down and the Ray it started stops), then SIGTERM/SIGKILL if needed, and any process left in its session is
     killed, so nothing keeps running after the tests.
     """
     assert _port_free(PORT), f"port {PORT} is busy; stop whatever serves there first"
@@ -510,8 +507,9 @@ def running_serve_app(
             os.killpg(proc.pid, sig)
             with suppress(subprocess.TimeoutExpired):
                 proc.wait(wait_s)
-        for pid in _own_processes(ray_tmp):
-            os.kill(pid, signal.SIGKILL)
+        for pid in _session_processes(proc.pid):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
