@@ -1,0 +1,90 @@
+"""Smoke runs of the benchmarks in ``bench/``: they start everything, measure, stop everything and write
+well-formed results. Nothing here asserts speed; the numbers come from ``make bench``.
+
+    pytest tests/test_bench.py -m integration      (starts Ray Serve on port 8000 and three trainings; minutes)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, require
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_bench(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``python bench/<script> --smoke ...`` from the project root."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--smoke", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1500)
+def test_serve_bench_smoke(trained_model_dir: Path, tmp_path: Path) -> None:
+    require(shutil.which("wrk") is not None, "wrk is not installed (apt-get install -y wrk)")
+    done = run_bench(
+        "serve_bench.py", "--model-dir", str(trained_model_dir), "--out", str(tmp_path), timeout=1400
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    results = json.loads((tmp_path / "serve.json").read_text())
+    assert results["machine"]["cpus"] >= 1 and results["machine"]["cpu_model"]
+    for system in ("baseline", "ray_serve"):
+        levels = results[system]["levels"]
+        assert [r["concurrency"] for r in levels] == [1, 16]
+        assert sum(r["requests"] for r in levels) > 0 and all(r["non_2xx"] == 0 for r in levels), levels
+        assert all(0 <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] for r in levels), levels
+        assert results[system]["prediction"] in range(10)
+    batch = results["ray_serve"]["batch"]
+    assert batch["non_2xx"] == 0
+    assert batch["images_per_s"] == pytest.approx(batch["rps"] * batch["images_per_request"])
+    assert all(r["images_per_s"] > 0 for r in results["raw_forward"])
+    assert [r["concurrency"] for r in results["ratios"]] == [1, 16]
+    assert {t["target"] for t in results["targets"]} >= {"c=16: req/s >= 2.0x baseline", "c=1: p50 <= 3 ms"}
+
+    table = (tmp_path / "serve.md").read_text()
+    assert table.startswith("# Serving benchmark") and "| 16 |" in table
+    assert (tmp_path / "serve.png").read_bytes()[:8] == PNG_MAGIC
+    assert port_free(8100), "the baseline server is still running"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1500)
+def test_train_bench_smoke(mnist_dir: Path, tmp_path: Path) -> None:
+    done = run_bench("train_bench.py", "--data-dir", str(mnist_dir), "--out", str(tmp_path), timeout=1400)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    results = json.loads((tmp_path / "train.json").read_text())
+    runs = results["runs"]
+    assert [(r["workers"], "ray_init_s" in r) for r in runs] == [(1, False), (1, True), (2, True)]
+    for run in runs:
+        assert len(run["history"]) == results["settings"]["epochs"] == 1
+        assert run["final_accuracy"] > 0.2, run  # learned something in 2,048 images: chance is 0.1
+        assert 0 < run["epochs_s"] <= run["wall_s"]
+        assert run["vs_plain"] > 0
+    assert all(r["ray_init_s"] > 0 and r["fit_s"] > r["fit_overhead_s"] for r in runs[1:])
+    assert results["target_ray2"]["value"] == runs[2]["vs_plain"]
+
+    table = (tmp_path / "train.md").read_text()
+    assert table.startswith("# Training benchmark") and "Ray Train, 2 workers" in table
+    assert (tmp_path / "train.png").read_bytes()[:8] == PNG_MAGIC
