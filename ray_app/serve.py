@@ -11,11 +11,14 @@ Routes: ``POST /predict`` (multipart field ``file``), ``POST /predict/batch`` (r
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
+import hmac
 import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -29,6 +32,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from ray import serve
+from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -41,6 +45,7 @@ log = logging.getLogger(f"ray.serve.{__name__}")
 
 FILE_FIELD = "file"
 FILES_FIELD = "files"
+TOKEN_ENV = "PREDICT_TOKEN"  # when set (e.g. from a Kubernetes Secret), /predict* need this bearer token
 STATIC_DIR = Path(__file__).with_name("static")
 
 
@@ -81,6 +86,27 @@ class Settings:
 
 
 # The model and its hot reload
+CARD_KEYS = (  # model.json keys shown by ``GET /model`` (the history and confusion matrix stay in the file)
+    "version",
+    "architecture",
+    "test_accuracy",
+    "per_digit_accuracy",
+    "created_at",
+    "run_name",
+    "epochs",
+    "resumed_from_epochs",
+    "train_images",
+    "num_workers",
+    "cpus_per_worker",
+    "batch_size",
+    "lr",
+    "wall_time_s",
+    "ray_version",
+    "torch_version",
+    "data_sha256",
+)
+
+
 class Prediction(NamedTuple):
     """One image's result."""
 
@@ -101,6 +127,7 @@ class LoadedModel:
     version: str
     scale: float  # x_normalised = pixel * scale - shift  ==  (pixel / 255 - mean) / std
     shift: float
+    card: dict[str, Any] = field(default_factory=dict)  # what ``GET /model`` shows
 
     @classmethod
     def from_artifact(cls, artifact: Artifact) -> LoadedModel:
@@ -108,7 +135,8 @@ class LoadedModel:
         norm = artifact.meta["normalization"]
         mean, std = float(norm["mean"]), float(norm["std"])
         model = _for_inference(artifact.model)
-        loaded = cls(model, str(artifact.meta["version"]), 1.0 / (255.0 * std), mean / std)
+        card = {key: artifact.meta[key] for key in CARD_KEYS if key in artifact.meta}
+        loaded = cls(model, str(artifact.meta["version"]), 1.0 / (255.0 * std), mean / std, card)
         (warm,) = loaded.predict([np.zeros((28, 28), np.uint8)])
         if not all(np.isfinite(warm.probs)):
             raise ArtifactError(f"model {loaded.version} gives non-finite outputs")
@@ -364,6 +392,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text}
     for code, text in {
         400: "Malformed request (empty body, broken multipart)",
+        401: f"Missing or wrong bearer token (only when {TOKEN_ENV} is set)",
         408: "Body not received in time",
         413: "Body, image or part count over the limit",
         415: "Not multipart/form-data, or not a supported image format",
@@ -398,8 +427,24 @@ def _missing(field_name: str, parts: list[Part], hint: str) -> HTTPException:
     return HTTPException(422, f"missing multipart field '{field_name}' (got {got or 'no fields'}); {hint}")
 
 
-def build_api(backend: Backend) -> FastAPI:
-    """The HTTP API over ``backend``: routes, the upload page and JSON error handlers."""
+def _require_token(request: Request, token: str | None) -> None:
+    """401 unless ``Authorization: Bearer <token>`` matches ``token`` (``None``: no auth)."""
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise HTTPException(
+            401,
+            "missing or wrong bearer token: send Authorization: Bearer <token>",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+
+def build_api(backend: Backend, token: str | None = None) -> FastAPI:
+    """The HTTP API over ``backend``: routes, the upload page and JSON error handlers.
+
+    With ``token``, ``/predict`` and ``/predict/batch`` require it as a bearer token; ``/healthz`` stays open.
+    """
     api = FastAPI(
         title="MNIST digit classifier",
         summary="Upload an image of a handwritten digit; get the digit and the ten class probabilities.",
@@ -429,6 +474,7 @@ def build_api(backend: Backend) -> FastAPI:
     )
     async def predict(request: Request) -> Response:
         """Classify one uploaded image (multipart field `file`)."""
+        _require_token(request, token)
         settings = backend.settings
         parts = await _read_parts(request, settings)
         files = [p for p in parts if p.name == FILE_FIELD]
@@ -452,6 +498,7 @@ def build_api(backend: Backend) -> FastAPI:
     )
     async def predict_batch(request: Request) -> Response:
         """Classify several images (repeated multipart field `files`); results come in upload order."""
+        _require_token(request, token)
         settings = backend.settings
         parts = await _read_parts(request, settings)
         files = [p for p in parts if p.name == FILES_FIELD]
@@ -553,7 +600,7 @@ class MNISTClassifier:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Build the HTTP API inside the replica (Serve calls this after ``__init__``)."""
-        return build_api(self)
+        return build_api(self, os.environ.get(TOKEN_ENV) or None)
 
 
 app = MNISTClassifier.bind()
