@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     pick = np.random.default_rng(args.seed).choice(len(test.data), size=args.per_style, replace=False)
     mnist_inks = [test.data[i].numpy() for i in pick]
     mnist_labels = test.targets[pick].numpy()
-    printed = [(printed_ink(d, font), d) for font in fonts().values() for d in range(10)]
+    font_set = fonts()
+    printed = [(printed_ink(d, font), d) for font in font_set.values() for d in range(10)]
     printed_inks = [ink for ink, _ in printed]
     printed_labels = np.array([d for _, d in printed])
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     rejected = sum(part["rejected"] for result in rows.values() for part in result.values())
     note = (
         f"\nModel {artifact.meta.get('version')} (MNIST test accuracy {artifact.meta.get('test_accuracy')}); "
-        f"{len(fonts())} fonts; {rejected} uploads rejected by preprocessing (counted as wrong).\n"
+        f"{len(font_set)} fonts; {rejected} uploads rejected by preprocessing (counted as wrong).\n"
     )
     print(table + note)
     if args.output:

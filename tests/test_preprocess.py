@@ -124,6 +124,8 @@ FONT_NAMES = [
     "DejaVuSans-Bold",
     "DejaVuSansMono",
     "DejaVuSans-Oblique",
+    "LiberationSans-Regular",
+    "LiberationSerif-Regular",
 ]
 
 
