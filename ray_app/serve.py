@@ -4,8 +4,9 @@ Usage:
     MODEL_DIR=./artifacts/model serve run ray_app/serve_config.yaml
     curl -s -X POST -F "file=@samples/zero.png" http://localhost:8000/predict
 
-Routes: ``POST /predict`` (multipart field ``file``), ``POST /predict/batch`` (repeated ``files`` fields),
-``GET /healthz``, ``GET /`` (upload page), ``GET /docs``. Every client error is a 4xx ``{"detail": ...}``.
+Routes: ``POST /predict`` (multipart field ``file``; ``?include_input=1`` adds the 28x28 image the model saw),
+``POST /predict/batch`` (repeated ``files`` fields), ``GET /model`` (model card), ``GET /healthz``, ``GET /``
+(upload and drawing page), ``GET /docs``. Every client error is a 4xx ``{"detail": ...}``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import base64
 import copy
 import hmac
+import io
 import json
 import logging
 import os
@@ -30,7 +32,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from PIL import Image
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
@@ -83,6 +86,67 @@ class Settings:
         if not (settings.body_timeout_s > 0 and settings.model_poll_interval_s > 0):
             raise ValueError("user_config body_timeout_s and model_poll_interval_s must be > 0")
         return settings
+
+
+# Custom Prometheus metrics (Ray exports them with a ``ray_`` prefix, tagged with deployment and replica)
+LATENCY_BOUNDARIES_S = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+_DIGIT_TAGS = [{"digit": str(d)} for d in range(10)]
+_INPUT_REASONS = {413: "image_too_large", 415: "not_an_image", 422: "unusable_image"}
+_REQUEST_REASONS = {
+    400: "malformed_request",
+    401: "unauthorized",
+    408: "body_timeout",
+    413: "body_too_large",
+    415: "not_multipart",
+    422: "wrong_fields",
+}
+
+
+def rejection_reason(status_code: int, detail: str, from_image: bool) -> str | None:
+    """A short, bounded label for a rejected request (``None`` for wrong routes and methods, not inputs)."""
+    if status_code in (404, 405):
+        return None
+    if from_image:
+        return "no_digit" if "no digit found" in detail else _INPUT_REASONS.get(status_code, "unusable_image")
+    return _REQUEST_REASONS.get(status_code, f"http_{status_code}")
+
+
+class ServeMetrics:
+    """The replica's own metrics; each record costs a few microseconds (a batch records at most 12 points)."""
+
+    def __init__(self) -> None:
+        self.predictions = Counter(
+            "mnist_predictions", "Images classified, by predicted digit", tag_keys=("digit",)
+        )
+        self.preprocess_s = Histogram(
+            "mnist_preprocess_seconds",
+            "Upload bytes to the 28x28 model input (decode, crop, centre), per image",
+            boundaries=LATENCY_BOUNDARIES_S,
+        )
+        self.model_s = Histogram(
+            "mnist_model_seconds", "Forward pass of one batch", boundaries=LATENCY_BOUNDARIES_S
+        )
+        self.batch_size = Histogram(
+            "mnist_batch_size", "Images per forward pass", boundaries=BATCH_BOUNDARIES
+        )
+        self.rejected = Counter(
+            "mnist_rejected_inputs", "Requests refused with a 4xx, by reason", tag_keys=("reason",)
+        )
+
+    def batch(self, digits: list[int], seconds: float) -> None:
+        """Record one forward pass and its predicted digits."""
+        self.model_s.observe(seconds)
+        self.batch_size.observe(len(digits))
+        counts = np.bincount(digits, minlength=10)
+        for digit in np.flatnonzero(counts):
+            self.predictions.inc(int(counts[digit]), _DIGIT_TAGS[digit])
+
+    def reject(self, status_code: int, detail: str, from_image: bool = False) -> None:
+        """Count a refused request (wrong routes and methods are not counted)."""
+        reason = rejection_reason(status_code, detail, from_image)
+        if reason is not None:
+            self.rejected.inc(1, {"reason": reason})
 
 
 # The model and its hot reload
@@ -333,10 +397,11 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
 
 # The FastAPI application
 class Backend(Protocol):
-    """What the routes need: settings, the model slot, and an awaitable per-image classifier."""
+    """What the routes need: settings, the model slot, metrics, and an awaitable per-image classifier."""
 
     settings: Settings
     slot: ModelSlot
+    metrics: ServeMetrics
 
     async def classify(self, image: np.ndarray) -> Prediction:
         """Classify one 28x28 uint8 image."""
@@ -349,6 +414,9 @@ class PredictionOut(BaseModel):
     prediction: int
     probs: list[float]
     model_version: str
+    input_png: str | None = Field(
+        None, description="Only with ?include_input=1: the 28x28 image the model saw, a base64 PNG"
+    )
 
 
 class ImageResult(BaseModel):
@@ -408,11 +476,29 @@ def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | Non
     return Response(content, status, headers, media_type="application/json")
 
 
-async def _decode(data: bytes, settings: Settings) -> np.ndarray:
+async def _decode(data: bytes, settings: Settings, metrics: ServeMetrics) -> np.ndarray:
     """Upload bytes to the 28x28 image the model sees; large uploads are decoded in a worker thread."""
+    started = time.perf_counter()
     if len(data) <= settings.inline_decode_bytes:
-        return to_mnist(data, settings.limits)
-    return await asyncio.get_running_loop().run_in_executor(None, to_mnist, data, settings.limits)
+        image = to_mnist(data, settings.limits)
+    else:
+        image = await asyncio.get_running_loop().run_in_executor(None, to_mnist, data, settings.limits)
+    metrics.preprocess_s.observe(time.perf_counter() - started)
+    return image
+
+
+def png_base64(image: np.ndarray) -> str:
+    """A uint8 grayscale image as a base64 PNG (about 0.4 KB for 28x28)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image, "L").save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _wants_input(request: Request) -> bool:
+    """``?include_input=1`` (or ``true``) on the URL; a request without a query string costs one lookup."""
+    if not request.scope.get("query_string"):
+        return False
+    return request.query_params.get("include_input", "").lower() in ("1", "true", "yes")
 
 
 async def _read_parts(request: Request, settings: Settings) -> list[Part]:
@@ -466,6 +552,12 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
         status, body = backend.slot.health()
         return _json(body, status)
 
+    @api.get("/model", responses={503: {"model": ErrorOut}})
+    async def model_card() -> Response:
+        """The served model's card from its model.json: version, test accuracy (overall and per digit), when
+        and how it was trained."""
+        return _json(backend.slot.require().card)
+
     @api.post(
         "/predict",
         response_model=PredictionOut,
@@ -485,10 +577,12 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
                 422, f"{len(files)} '{FILE_FIELD}' fields; use POST /predict/batch with '{FILES_FIELD}'"
             )
         backend.slot.require()
-        result = await backend.classify(await _decode(files[0].data, settings))
-        return _json(
-            {"prediction": result.digit, "probs": result.probs, "model_version": result.model_version}
-        )
+        image = await _decode(files[0].data, settings, backend.metrics)
+        result = await backend.classify(image)
+        body = {"prediction": result.digit, "probs": result.probs, "model_version": result.model_version}
+        if _wants_input(request):
+            body["input_png"] = png_base64(image)
+        return _json(body)
 
     @api.post(
         "/predict/batch",
@@ -508,7 +602,7 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
         images = []
         for index, part in enumerate(files):
             try:
-                images.append(await _decode(part.data, settings))
+                images.append(await _decode(part.data, settings, backend.metrics))
             except InputError as exc:
                 name = f" ({part.filename})" if part.filename else ""
                 raise InputError(exc.status_code, f"files[{index}]{name}: {exc.detail}") from None
@@ -520,15 +614,16 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
             }
         )
 
-    _add_error_handlers(api)
+    _add_error_handlers(api, backend.metrics)
     return api
 
 
-def _add_error_handlers(api: FastAPI) -> None:
-    """Render every error as ``{"detail": "<what was wrong>"}``."""
+def _add_error_handlers(api: FastAPI, metrics: ServeMetrics) -> None:
+    """Render every error as ``{"detail": "<what was wrong>"}`` and count the refused inputs."""
 
     @api.exception_handler(InputError)
     async def input_error(_: Request, exc: InputError) -> Response:
+        metrics.reject(exc.status_code, exc.detail, from_image=True)
         return _json({"detail": exc.detail}, exc.status_code)
 
     @api.exception_handler(ModelUnavailable)
@@ -543,6 +638,8 @@ def _add_error_handlers(api: FastAPI) -> None:
             detail = f"method {request.method} not allowed on {request.url.path}; use {allowed}"
         elif exc.status_code == 404:
             detail = f"no route {request.url.path}; see /docs"
+        else:
+            metrics.reject(exc.status_code, str(detail))
         return _json({"detail": detail}, exc.status_code, exc.headers)
 
     @api.exception_handler(RequestValidationError)
@@ -569,6 +666,7 @@ class MNISTClassifier:
     async def __init__(self) -> None:
         torch.set_num_threads(_replica_cpus())
         self.settings = Settings()
+        self.metrics = ServeMetrics()
         self.slot = ModelSlot(Path(os.environ.get("MODEL_DIR", DEFAULT_MODEL_DIR)))
         await asyncio.to_thread(self.slot.poll)
         self._watcher = asyncio.create_task(self._watch_model())
@@ -596,7 +694,11 @@ class MNISTClassifier:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def classify(self, images: list[np.ndarray]) -> list[Prediction]:
         """Classify a batch of 28x28 uint8 images with the current model."""
-        return self.slot.require().predict(images)
+        model = self.slot.require()
+        started = time.perf_counter()
+        results = model.predict(images)
+        self.metrics.batch([r.digit for r in results], time.perf_counter() - started)
+        return results
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Build the HTTP API inside the replica (Serve calls this after ``__init__``)."""

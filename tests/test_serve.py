@@ -8,6 +8,7 @@ Run: pytest tests/test_serve.py -m "not integration"     (seconds, no Ray)
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import json
@@ -44,11 +45,13 @@ from ray_app.serve import (
     LoadedModel,
     ModelSlot,
     Prediction,
+    ServeMetrics,
     Settings,
     app,
     build_api,
     parse_multipart,
     read_body,
+    rejection_reason,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +111,7 @@ def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "b0und
 
 
 BAR, RING, CROSS = (encode(stroke_image(kind)) for kind in ("bar", "ring", "cross"))
+BLANK = encode(Image.new("L", (100, 100), 255))
 NOISE = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300), dtype=np.uint8)))
 
 # (id, request kwargs for httpx, expected status, text the detail must contain)
@@ -174,16 +178,36 @@ def publish_broken(model_dir: Path) -> None:
         os.replace(model_dir / f".{name}.tmp", model_dir / name)
 
 
+class RecordingMetrics(ServeMetrics):
+    """The real Ray Serve metrics, plus a list of what was recorded (to assert on)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[int]] = []
+        self.rejections: list[str | None] = []
+
+    def batch(self, digits: list[int], seconds: float) -> None:
+        super().batch(digits, seconds)
+        self.batches.append(digits)
+
+    def reject(self, status_code: int, detail: str, from_image: bool = False) -> None:
+        super().reject(status_code, detail, from_image)
+        self.rejections.append(rejection_reason(status_code, detail, from_image))
+
+
 class DirectBackend:
     """The routes' backend without Serve: each image is classified alone (in a replica Serve batches them)."""
 
     def __init__(self, model_dir: Path, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
+        self.metrics = RecordingMetrics()
         self.slot = ModelSlot(model_dir)
         self.slot.poll()
 
     async def classify(self, image: np.ndarray) -> Prediction:
-        return self.slot.require().predict([image])[0]
+        (result,) = self.slot.require().predict([image])
+        self.metrics.batch([result.digit], 0.001)
+        return result
 
 
 @pytest.fixture
@@ -242,6 +266,74 @@ def test_bad_requests_get_a_clear_4xx(
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     assert detail in response.json()["detail"]
+
+
+REJECTION_REASONS = {  # BAD_REQUESTS id -> the reason label counted in mnist_rejected_inputs
+    "wrong-field": "wrong_fields",
+    "empty-body": "malformed_request",
+    "json-body": "not_multipart",
+    "form-urlencoded": "not_multipart",
+    "no-boundary": "malformed_request",
+    "truncated-multipart": "malformed_request",
+    "two-file-fields": "wrong_fields",
+    "empty-file": "unusable_image",
+    "not-an-image": "not_an_image",
+    "text-field": "not_an_image",
+    "truncated-png": "unusable_image",
+    "decompression-bomb": "image_too_large",
+    "too-many-pixels": "image_too_large",
+    "absurd-aspect": "unusable_image",
+    "blank": "no_digit",
+    "float-mode": "not_an_image",
+}
+
+
+def test_metrics_count_batches_and_rejections_by_reason(model_dir: Path) -> None:
+    backend = DirectBackend(model_dir)
+    client = TestClient(build_api(backend))
+    assert client.post("/predict", files={"file": ("bar.png", BAR)}).status_code == 200
+    digit = client.post("/predict", files={"file": ("bar.png", BAR)}).json()["prediction"]
+    assert backend.metrics.batches == [[digit], [digit]]
+    assert [case[0] for case in BAD_REQUESTS] == list(REJECTION_REASONS)
+    for _, kwargs, _, _ in BAD_REQUESTS:
+        client.post("/predict", **kwargs)
+    client.get("/predict")  # a wrong method and route are not rejected inputs
+    client.get("/nope")
+    assert backend.metrics.rejections == list(REJECTION_REASONS.values())
+    batch = client.post("/predict/batch", files=[("files", ("a.png", BAR)), ("files", ("b.png", BLANK))])
+    assert batch.status_code == 422 and backend.metrics.rejections[-1] == "no_digit"
+
+
+def test_metrics_record_outside_a_replica() -> None:
+    metrics = ServeMetrics()  # without Serve's replica context: no deployment tags, still recorded
+    metrics.batch([3, 3, 7, 0], 0.002)
+    metrics.batch([], 0.0)
+    metrics.preprocess_s.observe(0.001)
+    metrics.reject(422, "no digit found: the image is blank", from_image=True)
+    assert rejection_reason(401, "missing or wrong bearer token", from_image=False) == "unauthorized"
+    assert rejection_reason(429, "", from_image=False) == "http_429"
+
+
+def test_include_input_returns_the_image_the_model_saw(client: TestClient) -> None:
+    plain = client.post("/predict", files={"file": ("bar.png", BAR)}).json()
+    off = client.post("/predict?include_input=0", files={"file": ("bar.png", BAR)}).json()
+    assert plain == off and "input_png" not in plain
+    body = client.post("/predict?include_input=1", files={"file": ("bar.png", BAR)}).json()
+    assert {k: v for k, v in body.items() if k != "input_png"} == plain
+    seen = Image.open(io.BytesIO(base64.b64decode(body["input_png"])))
+    assert seen.format == "PNG" and seen.size == (28, 28) and len(body["input_png"]) < 2000
+    np.testing.assert_array_equal(np.asarray(seen), to_mnist(BAR))
+
+
+def test_model_card_comes_from_model_json(client: TestClient, model_dir: Path, tmp_path: Path) -> None:
+    meta = load_artifact(model_dir).meta
+    card = client.get("/model").json()
+    assert card["version"] == meta["version"] and card["architecture"] == "Net"
+    assert set(card) <= set(meta) and "config" not in card  # only the card's fields
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = TestClient(build_api(DirectBackend(empty))).get("/model")
+    assert missing.status_code == 503 and missing.json()["detail"].startswith("model not loaded")
 
 
 def test_wrong_method_and_unknown_route(client: TestClient) -> None:
@@ -514,13 +606,14 @@ def running_serve_app(
 
 
 class Served(NamedTuple):
-    """The running app, its model folder, and what ``/healthz`` said before the model appeared."""
+    """The running app, its model folder, what ``/healthz`` said before the model appeared, Ray's temp dir."""
 
     url: str
     dashboard: str
     model_dir: Path
     first_health: httpx.Response
     pickup_s: float
+    ray_tmp: Path
 
 
 @pytest.fixture(scope="module")
@@ -535,7 +628,9 @@ def served(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         while httpx.get(f"{url}/healthz", timeout=5).json().get("model_version") != version:
             assert time.monotonic() - published < 30, "model not picked up in 30 s"
             time.sleep(0.2)
-        yield Served(url, run.dashboard, model_dir, first_health, time.monotonic() - published)
+        yield Served(
+            url, run.dashboard, model_dir, first_health, time.monotonic() - published, run.log.parent
+        )
 
 
 def sample_files() -> list[tuple[Path, int]]:
@@ -749,3 +844,73 @@ def test_serve_status_and_an_in_place_user_config_update(served: Served, tmp_pat
     while httpx.post(f"{served.url}/predict", files={"file": ("0.png", data)}).status_code != 200:
         assert time.monotonic() < deadline
         time.sleep(0.5)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_model_card_and_input_image_through_serve(served: Served, trained_model_dir: Path) -> None:
+    meta = load_artifact(trained_model_dir).meta
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        card = http.get("/model").json()
+        assert card["version"] == http.get("/healthz").json()["model_version"]
+        assert card["test_accuracy"] == meta["test_accuracy"] and len(card["per_digit_accuracy"]) == 10
+        assert card["created_at"] and card["epochs"] == meta["epochs"] and "history" not in card
+        data = (SAMPLES / "zero.png").read_bytes()
+        body = http.post("/predict?include_input=1", files={"file": ("0.png", data)}).json()
+    seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["input_png"]))))
+    np.testing.assert_array_equal(seen, to_mnist(data))
+
+
+def prometheus_scrape(ray_tmp: Path) -> str:
+    """Everything the Ray cluster under ``ray_tmp`` exports, from the targets its dashboard writes for
+    Prometheus file-based service discovery."""
+    (discovery,) = ray_tmp.glob("ray/session_latest/prom_metrics_service_discovery.json")
+    targets = [t for group in json.loads(discovery.read_text()) for t in group["targets"]]
+    texts = []
+    for target in targets:
+        with suppress(httpx.HTTPError):
+            texts.append(httpx.get(f"http://{target}/metrics", timeout=10).text)
+    return "\n".join(texts)
+
+
+def metric_total(scrape: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (over replicas)."""
+    total = 0.0
+    for match in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", scrape, re.MULTILINE):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_custom_metrics_reach_prometheus(served: Served) -> None:
+    before = prometheus_scrape(served.ray_tmp)
+    zeros = metric_total(before, "ray_mnist_predictions_total", digit="0")
+    blanks = metric_total(before, "ray_mnist_rejected_inputs_total", reason="no_digit")
+    with httpx.Client(base_url=served.url, timeout=10) as http:
+        for _ in range(5):
+            response = http.post("/predict", files={"file": ("0.png", (SAMPLES / "zero.png").read_bytes())})
+            assert response.status_code == 200
+        assert http.post("/predict", files={"file": ("blank.png", BLANK)}).status_code == 422
+    deadline = time.monotonic() + 90  # Ray reports metrics every few seconds
+    while True:
+        scrape = prometheus_scrape(served.ray_tmp)
+        if (
+            metric_total(scrape, "ray_mnist_predictions_total", digit="0") >= zeros + 5
+            and metric_total(scrape, "ray_mnist_rejected_inputs_total", reason="no_digit") >= blanks + 1
+        ):
+            break
+        assert time.monotonic() < deadline, [line for line in scrape.splitlines() if "mnist_" in line]
+        time.sleep(2)
+    for histogram in ("ray_mnist_preprocess_seconds", "ray_mnist_model_seconds", "ray_mnist_batch_size"):
+        assert metric_total(scrape, f"{histogram}_count") > 0, histogram
+        assert metric_total(scrape, f"{histogram}_bucket", le="+Inf") > 0, histogram
+    assert re.search(r'^ray_mnist_predictions_total\{[^}]*deployment="MNISTClassifier"', scrape, re.MULTILINE)
+    assert metric_total(scrape, "ray_serve_num_http_requests_total") > 0  # Serve's own metrics, same place
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    (artifacts / "metrics.txt").write_text(
+        "\n".join(line for line in scrape.splitlines() if line.startswith("ray_mnist_")) + "\n"
+    )
