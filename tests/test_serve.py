@@ -35,6 +35,7 @@ import pytest
 import torch
 import yaml
 from fastapi.testclient import TestClient
+from filelock import FileLock
 from PIL import Image, ImageDraw
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -59,6 +60,7 @@ SERVE_CONFIG = ROOT / "ray_app" / "serve_config.yaml"
 SAMPLES = ROOT / "samples"
 PORT = 8000
 URL = f"http://127.0.0.1:{PORT}"
+PORT_LOCK = Path(tempfile.gettempdir()) / f"ray-mnist-serve-port-{PORT}.lock"
 NORMALIZATION = {"mean": 0.1307, "std": 0.3081}
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -540,15 +542,22 @@ class ServeRun(NamedTuple):
 
 @contextmanager
 def running_serve_app(
-    model_dir: Path, timeout_s: float = 240, env: dict[str, str] | None = None
+    model_dir: Path, timeout_s: float = 240, env: dict[str, str] | None = None, lock_timeout_s: float = 1800
 ) -> Iterator[ServeRun]:
     """``serve run`` the Serve config with ``MODEL_DIR=model_dir`` on a Ray of its own; yield its addresses.
 
     Ready once the app itself answers ``/healthz`` (200, or 503 without a model). On exit: SIGINT (Serve shuts
     down and the Ray it started stops), then SIGTERM/SIGKILL if needed, and any process left in its session is
-    killed, so nothing keeps running after the tests.
+    killed, so nothing keeps running after the tests. Runs hold a file lock on the port, so test sessions
+    that use this helper at the same time take turns instead of colliding on port 8000.
     """
-    assert _port_free(PORT), f"port {PORT} is busy; stop whatever serves there first"
+    with FileLock(PORT_LOCK, timeout=lock_timeout_s):
+        assert _port_free(PORT), f"port {PORT} is busy; stop whatever serves there first"
+        yield from _serve_run(model_dir, timeout_s, env)
+
+
+def _serve_run(model_dir: Path, timeout_s: float, env: dict[str, str] | None) -> Iterator[ServeRun]:
+    """The body of :func:`running_serve_app`, once the port is ours."""
     ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     run_env = {
         **os.environ,
@@ -634,9 +643,9 @@ def served(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def sample_files() -> list[tuple[Path, int]]:
-    """Committed samples with their digit, read from the file name (``zero.png``, ``7_paper.png`` …)."""
+    """Committed samples of every style with their digit, from the file name (``zero.png``, ``ink/7.png``)."""
     found = []
-    for path in sorted(SAMPLES.glob("*.png")):
+    for path in sorted(SAMPLES.rglob("*.png")):
         words = [w for w in re.split(r"[^a-z0-9]+", path.stem.lower()) if w]
         digits = [
             WORDS.index(w) if w in WORDS else int(w)
@@ -663,7 +672,7 @@ def test_healthz_is_503_until_the_model_appears(served: Served) -> None:
 @pytest.mark.timeout(1200)
 def test_samples_are_predicted_correctly(served: Served) -> None:
     samples = sample_files()
-    assert len(samples) >= 10, f"expected all ten digits in {SAMPLES}"
+    assert {digit for _, digit in samples} == set(range(10)), f"expected all ten digits in {SAMPLES}"
     with httpx.Client(base_url=served.url, timeout=10) as http:
         for path, digit in samples:
             response = http.post("/predict", files={"file": (path.name, path.read_bytes(), "image/png")})
