@@ -3,7 +3,8 @@
 One uvicorn process with FastAPI, one image per request (``POST /predict``, multipart field ``file``), the seed's
 transform (``Resize((28, 28))`` + ``ToTensor`` + ``Normalize``) with the constants from ``model.json``, and the
 same weights and network class, loaded through ``ray_app.model.load_artifact``. Torch keeps its default thread
-count, as the seed did. The access log is off (``--access-log`` turns it on), which only favours the baseline.
+count, as the seed did (``--threads`` sets it). The access log is off (``--access-log`` turns it on), which only
+favours the baseline.
 
     MODEL_DIR=model python bench/seed_server.py --port 8100
     curl -s -X POST -F "file=@samples/zero.png" http://localhost:8100/predict
@@ -60,7 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--access-log", action="store_true", help="log every request, as uvicorn does by default")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as the seed)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     uvicorn.run(
         build_app(args.model_dir),
         host=args.host,

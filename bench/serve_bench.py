@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-concurrency", type=int, default=4, help="connections for /predict/batch")
     p.add_argument("--baseline-port", type=int, default=8100)
     p.add_argument(
+        "--baseline-threads", type=int, default=0, help="baseline's torch threads (0: as the seed)"
+    )
+    p.add_argument(
         "--ingress",
         choices=("haproxy", "proxy"),
         default="haproxy" if sys.platform == "linux" else "proxy",
@@ -267,6 +270,7 @@ def run_baseline(args: argparse.Namespace, sample: Path, tmp: Path) -> dict[str,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     cmd = [sys.executable, str(SEED_SERVER), "--model-dir", args.model_dir, "--port", str(args.baseline_port)]
+    cmd += ["--threads", str(args.baseline_threads)]
 
     def ready() -> bool:
         return post_image(url, sample)[0] == 200
@@ -277,6 +281,7 @@ def run_baseline(args: argparse.Namespace, sample: Path, tmp: Path) -> dict[str,
         prediction = post_image(url, sample)[1].get("prediction")
         return {
             "label": LABELS[BASELINE],
+            "torch_threads": args.baseline_threads or "torch default",
             "prediction": prediction,
             "levels": load_levels(BASELINE, url, args, sample),
         }
@@ -440,7 +445,8 @@ def markdown(results: dict[str, Any]) -> str:
         "cores (wrk runs on them too).",
         "",
         f"- **Baseline**: {LABELS[BASELINE]} (`bench/seed_server.py`): one process, one image per request, "
-        "torchvision `Resize((28, 28))` + `ToTensor` + `Normalize`, the same weights.",
+        "torchvision `Resize((28, 28))` + `ToTensor` + `Normalize`, the same weights, torch threads: "
+        f"{results[BASELINE]['torch_threads']}.",
         f"- **Ray Serve**: `ray_app/serve_config.yaml`: {cfg['num_replicas']} replicas × {cfg['num_cpus']} CPU, "
         f"`max_ongoing_requests` {cfg['max_ongoing_requests']}, `max_batch_size` {cfg['max_batch_size']}, "
         f"`batch_wait_timeout_s` {cfg['batch_wait_timeout_s']}; ingress: "
