@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export MODEL_DIR ?= $(CURDIR)/model
+# Ray Serve's HAProxy ingress (read when Ray starts); its binary package exists for Linux only.
+export RAY_SERVE_ENABLE_HA_PROXY ?= $(if $(filter Linux,$(shell uname -s)),1,0)
 
 .PHONY: install run train serve stop test lint bench soak sync-serve-config clean
 
@@ -20,6 +22,7 @@ train: install  ## train a new model into $(MODEL_DIR) (replaces it only if the 
 	$(BIN)/python -m ray_app.train --model-dir $(MODEL_DIR)
 
 serve: install  ## serve $(MODEL_DIR) with ray_app/serve_config.yaml on an embedded local Ray (Ctrl-C stops)
+	@echo "page http://localhost:8000/  API docs http://localhost:8000/docs  Ray dashboard http://localhost:8265"
 	$(BIN)/serve run ray_app/serve_config.yaml
 
 stop:  ## stop what `make run`/`make serve` started
@@ -27,6 +30,12 @@ stop:  ## stop what `make run`/`make serve` started
 
 test: install  ## run the test suite
 	$(BIN)/python -m pytest
+
+bench: install  ## benchmarks: Ray Serve vs the seed-style server, Ray Train vs plain PyTorch (bench/results/)
+	$(BIN)/python bench/serve_bench.py --model-dir $(MODEL_DIR) && $(BIN)/python bench/train_bench.py
+
+soak: install  ## 5 minutes at concurrency 32 against a fresh `serve run` (bench/results/soak.*)
+	$(BIN)/python bench/soak.py --model-dir $(MODEL_DIR)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
