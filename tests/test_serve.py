@@ -552,7 +552,10 @@ def running_serve_app(
     that use this helper at the same time take turns instead of colliding on port 8000.
     """
     with FileLock(PORT_LOCK, timeout=lock_timeout_s):
-        assert _port_free(PORT), f"port {PORT} is busy; stop whatever serves there first"
+        deadline = time.monotonic() + 300  # another test run may still be stopping its app
+    while not _port_free(PORT):
+        assert time.monotonic() < deadline, f"port {PORT} is busy; stop whatever serves there first"
+        time.sleep(2)
         yield from _serve_run(model_dir, timeout_s, env)
 
 
