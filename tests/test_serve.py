@@ -553,9 +553,9 @@ def running_serve_app(
     """
     with FileLock(PORT_LOCK, timeout=lock_timeout_s):
         deadline = time.monotonic() + 300  # another test run may still be stopping its app
-    while not _port_free(PORT):
-        assert time.monotonic() < deadline, f"port {PORT} is busy; stop whatever serves there first"
-        time.sleep(2)
+        while not _port_free(PORT):
+            assert time.monotonic() < deadline, f"port {PORT} is busy; stop whatever serves there first"
+            time.sleep(2)
         yield from _serve_run(model_dir, timeout_s, env)
 
 
