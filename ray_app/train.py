@@ -85,10 +85,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     test_x, test_y = test_x[rank::world], test_y[rank::world]
     per_worker_batch = max(1, config["batch_size"] // world)
     steps = len(train_x) // world // per_worker_batch
-    if steps * config["epochs"] < 10:  # the one-cycle schedule needs a few steps to rise and fall
+    if steps * config["epochs"] < 5:  # the one-cycle schedule needs a few steps to rise and fall
         raise ValueError(
             f"{len(train_x)} images × {config['epochs']} epochs give {steps * config['epochs']} steps of "
-            f"batch {config['batch_size']} on {world} workers; need at least 10: use more images or a smaller batch"
+            f"batch {config['batch_size']} on {world} workers; need at least 5: use more images or a smaller batch"
         )
 
     # [2] Model, optimizer, schedule; resumed from the latest checkpoint after a failure.
