@@ -32,7 +32,6 @@ from typing import Any
 
 import ray
 import torch
-import torch.nn.functional as F
 
 from ray_app import data, train
 from ray_app.model import ModelConfig, Net
@@ -96,28 +95,14 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.monotonic() - started
     steps = len(train_x) // args.batch_size
     model = Net(**asdict(ModelConfig())).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=args.epochs * steps, pct_start=0.25
-    )
+    optimizer, scheduler = train.make_optimizer(model, args.lr, args.epochs * steps)
     generator = torch.Generator().manual_seed(args.seed * 1000)
     history = []
     for epoch in range(1, args.epochs + 1):
-        model.train()
         epoch_start = time.monotonic()
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed + epoch))
-        sums = torch.zeros(3, dtype=torch.float64)  # as the Ray loop: loss sum, correct, seen
-        for step in range(steps):
-            idx = order[step * args.batch_size : (step + 1) * args.batch_size]
-            x = train.augment(train_x[idx], generator).contiguous(memory_format=torch.channels_last)
-            y = train_y[idx]
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
+        batches = order[: steps * args.batch_size].view(steps, args.batch_size)
+        train.train_epoch(model, optimizer, scheduler, train_x, train_y, batches, generator)
         _, confusion = train.evaluate(model, test_x, test_y)
         history.append(
             {

@@ -51,6 +51,42 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return F.grid_sample(images - background, grid, align_corners=False) + background
 
 
+def make_optimizer(
+    model: nn.Module, lr: float, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with a one-cycle learning-rate schedule peaking at ``lr``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.25
+    )
+    return optimizer, scheduler
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batches: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One pass over ``batches`` (rows of indices): augmented steps; returns [loss sum, correct, seen]."""
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for idx in batches:
+        x = augment(images[idx], generator).contiguous(memory_format=torch.channels_last)
+        y = labels[idx]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
+    return sums
+
+
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Summed cross-entropy and the 10×10 confusion matrix (rows: true digit) over a normalised set."""
     model.eval()
@@ -94,10 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # [2] Model, optimizer, schedule; resumed from the latest checkpoint after a failure.
     model = Net(**config["model"]).to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config["lr"], total_steps=config["epochs"] * steps, pct_start=0.25
-    )
+    optimizer, scheduler = make_optimizer(model, config["lr"], config["epochs"] * steps)
     start_epoch, history, resumed = 1, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -118,22 +151,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
     run_start = time.monotonic()
     for epoch in range(start_epoch, config["epochs"] + 1):
-        model.train()
         started = time.monotonic()
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(config["seed"] + epoch))
-        shard = order[rank::world]
-        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
-        for step in range(steps):
-            idx = shard[step * per_worker_batch : (step + 1) * per_worker_batch]
-            x = augment(train_x[idx], generator).contiguous(memory_format=torch.channels_last)
-            y = train_y[idx]
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
+        batches = order[rank::world][: steps * per_worker_batch].view(steps, per_worker_batch)
+        sums = train_epoch(model, optimizer, scheduler, train_x, train_y, batches, generator)
         train_time = time.monotonic() - started
         test_loss, confusion = evaluate(model, test_x, test_y)
         sums, confusion = _all_reduce(sums), _all_reduce(confusion)
