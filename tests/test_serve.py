@@ -565,6 +565,9 @@ def _serve_run(model_dir: Path, timeout_s: float, env: dict[str, str] | None) ->
     run_env = {
         **os.environ,
         "RAY_SERVE_ENABLE_HA_PROXY": "1" if sys.platform == "linux" else "0",  # as `make serve` runs it
+        # A starved machine (parallel test runs) can miss Serve's 5 s proxy ready check; give it time.
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
         **(env or {}),
         "MODEL_DIR": str(model_dir),
         "RAY_TMPDIR": ray_tmp,  # a fresh Ray: never join a cluster someone else started
