@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -29,8 +30,10 @@ def _accuracy(model: Net, mnist_dir: Path) -> float:
 
 
 def test_help_states_every_default() -> None:
+    overrides = {"MODEL_DIR", "MNIST_DATA_DIR", "NUM_WORKERS", "BATCH_SIZE", "MIN_ACCURACY", "TRAIN_LIMIT"}
+    env = {k: v for k, v in os.environ.items() if k not in overrides}
     done = subprocess.run(
-        [sys.executable, "-m", "ray_app.train", "--help"], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "ray_app.train", "--help"], capture_output=True, text=True, cwd=ROOT, env=env
     )
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
