@@ -21,12 +21,12 @@ run: install  ## train if $(MODEL_DIR) has no model yet, then serve on http://lo
 train: install  ## train a new model into $(MODEL_DIR) (replaces it only if the accuracy gate passes)
 	$(BIN)/python -m ray_app.train --model-dir $(MODEL_DIR)
 
-serve: install  ## serve $(MODEL_DIR) with ray_app/serve_config.yaml on an embedded local Ray (Ctrl-C stops)
+serve: install  ## serve $(MODEL_DIR) with ray_app/serve_config.yaml on an embedded local Ray (Ctrl-C or `make stop` ends it)
 	@echo "page http://localhost:8000/  API docs http://localhost:8000/docs  Ray dashboard http://localhost:8265"
-	$(BIN)/serve run ray_app/serve_config.yaml
+	echo $$$$ > .serve.pid && exec $(BIN)/serve run ray_app/serve_config.yaml
 
-stop:  ## stop what `make run`/`make serve` started
-	-$(BIN)/serve shutdown -y 2>/dev/null; $(BIN)/ray stop
+stop:  ## stop what `make run`/`make serve` started (other Ray clusters on the machine are left alone)
+	@pid=$$(cat .serve.pid 2>/dev/null); if [ -n "$$pid" ] && ps -o args= -p $$pid | grep -q "serve run"; then kill -INT $$pid && while kill -0 $$pid 2>/dev/null; do sleep 1; done; echo stopped; fi; rm -f .serve.pid
 
 test: install  ## run the test suite
 	$(BIN)/python -m pytest

@@ -251,6 +251,7 @@ class ModelSlot:
         self.model_dir = model_dir
         self.current: LoadedModel | None = None
         self.problem: str | None = f"model in {model_dir} not checked yet"
+        self.warning: str | None = None  # the model is in use, but its files on disk are damaged
         self._seen: tuple[int, ...] | None | str = "never"
 
     def poll(self) -> bool:
@@ -260,7 +261,8 @@ class ModelSlot:
             return False
         self._seen = signature
         try:
-            loaded = LoadedModel.from_artifact(load_artifact(self.model_dir))
+            artifact = load_artifact(self.model_dir)
+            loaded = LoadedModel.from_artifact(artifact)
         except Exception as exc:  # ArtifactError, or anything torch raises on a damaged file
             self.problem = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
             if self.current is None:
@@ -268,10 +270,10 @@ class ModelSlot:
             else:
                 log.error("keeping model %s: %s", self.current.version, self.problem)
             return False
+        self.problem, self.warning = None, artifact.warning
         if self.current is not None and loaded.version == self.current.version:
-            self.problem = None
             return False
-        previous, self.current, self.problem = self.current, loaded, None
+        previous, self.current = self.current, loaded
         log.info("serving model %s (was %s)", loaded.version, previous.version if previous else "none")
         return True
 
@@ -284,7 +286,7 @@ class ModelSlot:
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """HTTP status and body for ``/healthz``."""
-        current, problem = self.current, self.problem
+        current, problem, warning = self.current, self.problem, self.warning
         if current is None:
             return 503, {"status": "unavailable", "detail": problem or "no model loaded"}
         body: dict[str, Any] = {"status": "ok", "model_version": current.version}
@@ -293,6 +295,8 @@ class ModelSlot:
                 "status": "degraded",
                 "detail": f"serving {current.version}; newer files rejected: {problem}",
             }
+        elif warning:
+            body |= {"status": "degraded", "detail": f"serving {current.version}; {warning}"}
         return 200, body
 
 

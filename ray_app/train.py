@@ -234,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=_env("CPUS_PER_WORKER", 1),
         help="CPUs and torch threads per worker (env CPUS_PER_WORKER)",
     )
-    p.add_argument("--epochs", type=int, default=_env("EPOCHS", 4), help="epochs (env EPOCHS)")
+    p.add_argument("--epochs", type=int, default=_env("EPOCHS", 3), help="epochs (env EPOCHS)")
     p.add_argument(
         "--batch-size", type=int, default=_env("BATCH_SIZE", 256), help="global batch size (env BATCH_SIZE)"
     )

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Held while a test serves on the Serve config's fixed port 8000, so test runs that share a machine take turns.
+SERVE_PORT_LOCK = Path(tempfile.gettempdir()) / "ray-mnist-serve-port-8000.lock"
 
 
 def require(condition: bool, reason: str) -> None:
@@ -35,15 +39,22 @@ def mnist_dir() -> Path:
 def run_train(
     *args: str, env: dict[str, str] | None = None, timeout: float = 900
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m ray_app.train`` in a subprocess (its own embedded Ray, stopped when it exits)."""
-    return subprocess.run(
-        [sys.executable, "-m", "ray_app.train", *args],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    """Run ``python -m ray_app.train`` in a subprocess (its own embedded Ray, stopped when it exits).
+
+    The Ray it starts lives in a private temporary folder, so it never joins or disturbs another local Ray.
+    """
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "ray_app.train", *args],
+            env={**os.environ, "RAY_TMPDIR": ray_tmp, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

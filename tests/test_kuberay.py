@@ -576,10 +576,13 @@ def test_job_fits_worker_group(rayjob: dict[str, Any]) -> None:
 
 
 def test_serving_environment(rayservice: dict[str, Any]) -> None:
-    """Serving reads MODEL_DIR only; every Ray container of the RayService sets it to the mount path."""
+    """Every Ray container of the RayService sets MODEL_DIR to the mount path and the HAProxy ingress on, as make does."""
+    makefile = required_file(ROOT / "Makefile")
+    assert "export RAY_SERVE_ENABLE_HA_PROXY" in makefile
     for name, container in ray_containers(rayservice):
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         assert env.get("MODEL_DIR") == model_dir(), name
+        assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", name
 
 
 def test_serve_config_embedded_verbatim(rayservice: dict[str, Any]) -> None:

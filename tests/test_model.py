@@ -108,6 +108,8 @@ def test_crash_between_renames_leaves_a_usable_pair(tmp_path: Path, monkeypatch:
     artifact = load_artifact(tmp_path, retry_delay_s=0.01)
     assert artifact.meta["version"] == old_version
     assert torch.equal(artifact.model.state_dict()["head.4.weight"], old_state["head.4.weight"])
+    assert "does not match" in artifact.warning and f"versions/{old_version}" in artifact.warning
+    assert load_artifact(tmp_path / "versions" / old_version).warning is None
     assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
 
 

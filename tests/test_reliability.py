@@ -613,16 +613,20 @@ def test_damaged_model_files_keep_the_last_good_model(guarded: Guarded, trained_
     weights, metadata = guarded.model_dir / WEIGHTS, guarded.model_dir / METADATA
     data, meta = weights.read_bytes(), json.loads(metadata.read_text())
 
-    # model.pth alone truncated: load_artifact falls back to the intact copy under versions/<version>/
+    # model.pth alone truncated: replicas keep the model (the intact copy under versions/<version>/) and say so
     replace_file(weights, _half(data))
-    time.sleep(3)  # several polls
-    assert httpx.get(f"{guarded.url}/healthz", timeout=5).json() == {"status": "ok", "model_version": good}
+    health = wait_for_health(guarded.url, lambda h: h["status"] == "degraded")
+    print(f"\ntruncated model.pth of the model in use -> /healthz {health}")
+    assert health["model_version"] == good and "does not match" in health["detail"]
+    assert f"versions/{good}" in health["detail"]
+    response = httpx.post(f"{guarded.url}/predict", files={"file": ("0.png", ZERO)}, headers=AUTH, timeout=30)
+    assert response.status_code == 200 and response.json()["model_version"] == good
 
     # a new pair copied by hand whose model.pth arrived truncated (no versions/ copy to fall back to)
     replace_file(weights, _half(data))
     replace_file(metadata, json.dumps(meta | {"version": "hand-copied"}).encode())
-    health = wait_for_health(guarded.url, lambda h: h["status"] == "degraded")
-    print(f"\ntruncated model.pth -> /healthz {health}")
+    health = wait_for_health(guarded.url, lambda h: "newer files rejected" in h.get("detail", ""))
+    print(f"truncated model.pth of a new pair -> /healthz {health}")
     assert health["model_version"] == good and "newer files rejected" in health["detail"]
     response = httpx.post(f"{guarded.url}/predict", files={"file": ("0.png", ZERO)}, headers=AUTH, timeout=30)
     assert response.status_code == 200 and response.json()["model_version"] == good

@@ -54,13 +54,13 @@ from ray_app.serve import (
     read_body,
     rejection_reason,
 )
+from tests.conftest import SERVE_PORT_LOCK
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = ROOT / "ray_app" / "serve_config.yaml"
 SAMPLES = ROOT / "samples"
 PORT = 8000
 URL = f"http://127.0.0.1:{PORT}"
-PORT_LOCK = Path(tempfile.gettempdir()) / f"ray-mnist-serve-port-{PORT}.lock"
 NORMALIZATION = {"mean": 0.1307, "std": 0.3081}
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -551,7 +551,7 @@ def running_serve_app(
     killed, so nothing keeps running after the tests. Runs hold a file lock on the port, so test sessions
     that use this helper at the same time take turns instead of colliding on port 8000.
     """
-    with FileLock(PORT_LOCK, timeout=lock_timeout_s):
+    with FileLock(SERVE_PORT_LOCK, timeout=lock_timeout_s):
         deadline = time.monotonic() + 300  # another test run may still be stopping its app
         while not _port_free(PORT):
             assert time.monotonic() < deadline, f"port {PORT} is busy; stop whatever serves there first"
