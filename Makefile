@@ -26,7 +26,7 @@ serve: install  ## serve $(MODEL_DIR) with ray_app/serve_config.yaml on an embed
 	echo $$$$ > .serve.pid && exec $(BIN)/serve run ray_app/serve_config.yaml
 
 stop:  ## stop what `make run`/`make serve` started (other Ray clusters on the machine are left alone)
-	@pid=$$(cat .serve.pid 2>/dev/null); if [ -n "$$pid" ] && ps -o args= -p $$pid | grep -q "serve run"; then kill -INT $$pid && while kill -0 $$pid 2>/dev/null; do sleep 1; done; echo stopped; fi; rm -f .serve.pid
+	@pid=$$(cat .serve.pid 2>/dev/null); if [ -n "$$pid" ] && ps -o args= -p $$pid | grep -q "serve run"; then kill -INT $$pid; for i in $$(seq 40); do kill -0 $$pid 2>/dev/null || break; [ $$i = 15 ] && kill -TERM $$pid; sleep 1; done; echo stopped; fi; rm -f .serve.pid
 
 test: install  ## run the test suite
 	$(BIN)/python -m pytest

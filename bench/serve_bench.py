@@ -159,7 +159,15 @@ def launched(
     everything it spawned. Raises :class:`PortTaken` when another program took ``port`` first."""
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(
+                signal.SIGINT, signal.SIG_DFL
+            ),  # SIGINT works even if we ignore it
         )
     try:
         deadline = time.monotonic() + timeout_s

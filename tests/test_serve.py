@@ -591,6 +591,9 @@ def _serve_run(model_dir: Path, timeout_s: float, env: dict[str, str] | None) ->
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=lambda: signal.signal(
+                signal.SIGINT, signal.SIG_DFL
+            ),  # SIGINT works even if we ignore it
         )
     try:
         deadline = time.monotonic() + timeout_s
