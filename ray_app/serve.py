@@ -220,14 +220,20 @@ class LoadedModel:
 
 
 def _for_inference(model: nn.Module) -> nn.Module:
-    """A copy of an eval-mode model made ~2x faster on CPU: each BatchNorm folded into the convolution before
-    it, weights in channels_last layout (measured here: 0.56 -> 0.21 ms per image at batch 16, one thread)."""
+    """A copy of an eval-mode model made faster on CPU: each BatchNorm folded into the convolution before it,
+    weights in channels_last layout. A max-pool between the two commutes with the BatchNorm's per-channel
+    affine map when every scale is positive; otherwise that BatchNorm stays."""
     model = copy.deepcopy(model).eval()
     for sequence in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(sequence) - 1):
-            conv, norm = sequence[i], sequence[i + 1]
-            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
-                sequence[i], sequence[i + 1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
+        for i, norm in enumerate(sequence):
+            if not isinstance(norm, nn.BatchNorm2d):
+                continue
+            j = i - 1
+            while j > 0 and isinstance(sequence[j], nn.MaxPool2d):
+                j -= 1
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            if isinstance(sequence[j], nn.Conv2d) and (j == i - 1 or bool((scale > 0).all())):
+                sequence[j], sequence[i] = fuse_conv_bn_eval(sequence[j], norm), nn.Identity()
     return model.to(memory_format=torch.channels_last)
 
 

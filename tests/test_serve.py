@@ -39,6 +39,7 @@ from filelock import FileLock
 from PIL import Image, ImageDraw
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from torch import nn
 
 from ray_app.model import METADATA, WEIGHTS, ModelConfig, Net, load_artifact, save_artifact
 from ray_app.preprocess import Limits, preprocess, to_mnist
@@ -48,6 +49,7 @@ from ray_app.serve import (
     Prediction,
     ServeMetrics,
     Settings,
+    _for_inference,
     app,
     build_api,
     parse_multipart,
@@ -503,6 +505,25 @@ def test_batched_inference_matches_single_images_and_the_training_normalisation(
         with torch.inference_mode():
             expected = torch.softmax(artifact.model(x), dim=1)[0].tolist()
         assert result.probs == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("negative_scale", [False, True])
+def test_inference_copy_folds_batchnorm_without_changing_outputs(negative_scale: bool) -> None:
+    torch.manual_seed(0)
+    model = Net().eval()
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.data.uniform_(0.5, 2)
+        norm.bias.data.uniform_(-1, 1)
+    if negative_scale:  # max-pool does not commute with a flipped sign: that BatchNorm must stay
+        model.features[2].weight.data[0] = -1.0
+    fast = _for_inference(model)
+    kept = sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert kept == (1 if negative_scale else 0)
+    x = torch.randn(32, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)), model(x), atol=1e-4)
 
 
 # ---- integration: a real `serve run` over HTTP
