@@ -135,6 +135,17 @@ def listener_pids(port: int) -> list[int]:
     return [int(pid) for pid in re.findall(r"pid=(\d+)", out)]
 
 
+def port_lock_path(port: int) -> Path:
+    """The lock file with which Serve runs on this machine (benchmarks and tests) take turns on ``port``."""
+    return Path(tempfile.gettempdir()) / f"ray-mnist-serve-port-{port}.lock"
+
+
+def dashboard_address(log_path: Path) -> str:
+    """The Ray dashboard address that ``serve run`` logged ("" until it has)."""
+    found = re.search(r"dashboard at \S*?(http://[\d.]+:\d+)", log_path.read_text(errors="replace"))
+    return found.group(1) if found else ""
+
+
 class PortTaken(RuntimeError):
     """Another program listens on the port a server needs (other Serve apps on this machine)."""
 
@@ -317,10 +328,10 @@ def serve_env(ray_tmp: str, ingress: str) -> dict[str, str]:
 
 def app_running(log_path: Path, env: dict[str, str]) -> bool:
     """True once ``serve status`` (asked on the dashboard address ``serve run`` logged) says RUNNING."""
-    found = re.search(r"dashboard at \S*?(http://[\d.]+:\d+)", log_path.read_text(errors="replace"))
-    if not found:
+    address = dashboard_address(log_path)
+    if not address:
         return False
-    cmd = [sys.executable, "-m", "ray.serve.scripts", "status", "--address", found.group(1)]
+    cmd = [sys.executable, "-m", "ray.serve.scripts", "status", "--address", address]
     # Ray's token auth: the CLI sends ~/.ray/auth_token only when told the cluster uses it.
     done = subprocess.run(
         cmd, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=60
@@ -569,8 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         results[BASELINE] = run_baseline(args, sample, Path(tmp))
         # Serve runs on this machine (the tests too) take turns on the port through this lock.
-        lock = Path(tempfile.gettempdir()) / f"ray-mnist-serve-port-{serve_settings()['port']}.lock"
-        with FileLock(lock, timeout=args.port_wait):
+        with FileLock(port_lock_path(serve_settings()["port"]), timeout=args.port_wait):
             results[OURS] = run_ours(args, sample, Path(tmp))
     results["load_average_after"] = round(os.getloadavg()[0], 2)
     summarize(results)

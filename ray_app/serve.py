@@ -406,6 +406,15 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
 
 
 # The FastAPI application
+def infer(slot: ModelSlot, metrics: ServeMetrics, images: list[np.ndarray]) -> list[Prediction]:
+    """One forward pass over 28x28 uint8 images with the slot's current model, recorded in the metrics."""
+    model = slot.require()
+    started = time.perf_counter()
+    results = model.predict(images)
+    metrics.batch([r.digit for r in results], time.perf_counter() - started)
+    return results
+
+
 class Backend(Protocol):
     """What the routes need: settings, the model slot, metrics, and an awaitable per-image classifier."""
 
@@ -616,7 +625,7 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
             except InputError as exc:
                 name = f" ({part.filename})" if part.filename else ""
                 raise InputError(exc.status_code, f"files[{index}]{name}: {exc.detail}") from None
-        results = await asyncio.gather(*(backend.classify(image) for image in images))
+        results = infer(backend.slot, backend.metrics, images)  # already a batch: one forward pass
         return _json(
             {
                 "results": [{"prediction": r.digit, "probs": r.probs} for r in results],
@@ -704,11 +713,7 @@ class MNISTClassifier:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def classify(self, images: list[np.ndarray]) -> list[Prediction]:
         """Classify a batch of 28x28 uint8 images with the current model."""
-        model = self.slot.require()
-        started = time.perf_counter()
-        results = model.predict(images)
-        self.metrics.batch([r.digit for r in results], time.perf_counter() - started)
-        return results
+        return infer(self.slot, self.metrics, images)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Build the HTTP API inside the replica (Serve calls this after ``__init__``)."""

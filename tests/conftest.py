@@ -1,4 +1,5 @@
-"""Shared fixtures: the MNIST folder, one small model trained per session with a real Ray Train run."""
+"""Shared fixtures: the MNIST folder, one small model trained per session with a real Ray Train run, and one
+real `serve run` of the Serve config per session."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.serving import Served, publish_copy, running_serve_app
+
 ROOT = Path(__file__).resolve().parent.parent
-# Held while a test serves on the Serve config's fixed port 8000, so test runs that share a machine take turns.
-SERVE_PORT_LOCK = Path(tempfile.gettempdir()) / "ray-mnist-serve-port-8000.lock"
 
 
 def require(condition: bool, reason: str) -> None:
@@ -65,3 +68,29 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path)
     done = run_train(*args, "--epochs", "2", "--min-accuracy", "0.9")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     yield model_dir
+
+
+@pytest.fixture(scope="session")
+def served(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The session's one ``serve run`` of the Serve config (port 8000), shared by the serving and browser tests.
+
+    Started on an empty model folder; the trained model is published once the app is up, so the first
+    ``/healthz`` answer (503) and the time to pick the model up are recorded too.
+    """
+    model_dir = tmp_path_factory.mktemp("served-model")
+    with running_serve_app(model_dir) as run:
+        first_health = httpx.get(f"{run.url}/healthz", timeout=5)
+        published = time.monotonic()
+        version = publish_copy(trained_model_dir, model_dir)
+        while httpx.get(f"{run.url}/healthz", timeout=5).json().get("model_version") != version:
+            assert time.monotonic() - published < 30, "model not picked up in 30 s"
+            time.sleep(0.2)
+        yield Served(
+            run.url, run.dashboard, model_dir, first_health, time.monotonic() - published, run.log.parent
+        )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the shared app run last: the app then starts once, after the tests that need port 8000 for an
+    app of their own (reliability, the emulated RayService) are done with it."""
+    items.sort(key=lambda item: "served" in getattr(item, "fixturenames", ()))

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from tests.conftest import require
-from tests.test_serve import BLANK, SAMPLES, Served, served  # noqa: F401  (the module's real `serve run`)
+from tests.serving import Served
+from tests.test_serve import BLANK, SAMPLES
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -46,7 +47,7 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def page(browser: Any, served: Served) -> Iterator[Any]:  # noqa: F811
+def page(browser: Any, served: Served) -> Iterator[Any]:
     """The app's page, loaded once the model badge says it is ready; fails on any JavaScript error."""
     context = browser.new_context(viewport={"width": 900, "height": 880})
     tab = context.new_page()
@@ -113,7 +114,7 @@ SEVEN = [[(0.25, 0.2), (0.75, 0.2), (0.42, 0.85)]]
 @pytest.mark.parametrize(("digit", "strokes"), [(1, ONE), (7, SEVEN)], ids=["one", "seven"])
 def test_drawing_a_digit_with_the_mouse(
     page: Any,
-    served: Served,  # noqa: F811
+    served: Served,
     digit: int,
     strokes: list[list[tuple[float, float]]],
 ) -> None:
@@ -128,7 +129,7 @@ def test_drawing_a_digit_with_the_mouse(
     assert white  # cleared to opaque white
 
 
-def test_upload_drop_model_card_errors_and_screenshot(page: Any, served: Served) -> None:  # noqa: F811
+def test_upload_drop_model_card_errors_and_screenshot(page: Any, served: Served) -> None:
     page.set_input_files("#file", str(SAMPLES / "seven.png"))
     check_result(result(page, "7"), 7, served.url)
 
@@ -160,7 +161,7 @@ def test_upload_drop_model_card_errors_and_screenshot(page: Any, served: Served)
     assert page.text_content("#digit") == "–" and page.locator("#bars li").count() == 0
 
 
-def test_phone_width_has_no_horizontal_scroll(browser: Any, served: Served) -> None:  # noqa: F811
+def test_phone_width_has_no_horizontal_scroll(browser: Any, served: Served) -> None:
     context = browser.new_context(viewport={"width": 360, "height": 740}, has_touch=True, is_mobile=True)
     tab = context.new_page()
     tab.goto(served.url + "/")

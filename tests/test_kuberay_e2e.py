@@ -31,8 +31,9 @@ import yaml
 from filelock import FileLock
 
 from ray_app.model import METADATA, WEIGHTS, load_artifact
-from tests.conftest import SERVE_PORT_LOCK, require
+from tests.conftest import require
 from tests.kuberay_emulation import EmulatedCluster, map_path, submission_id, wait_port_free
+from tests.serving import PORT_LOCK
 from tests.test_kuberay import MANIFESTS, ROOT, load_yaml, serve_config, volume_mounts
 
 SAMPLES = ROOT / "samples"
@@ -168,7 +169,7 @@ def serving(training: Training, volume: Path) -> Iterator[Serving]:
     )
     assert needed <= cluster.cluster_cpus(), f"replicas need {needed} CPUs, the worker group has fewer"
     url = f"http://127.0.0.1:{config['http_options']['port']}"
-    with FileLock(SERVE_PORT_LOCK, timeout=1800), cluster:
+    with FileLock(PORT_LOCK, timeout=1800), cluster:
         deploy(cluster, config, url)
         yield Serving(cluster, config, url)
 

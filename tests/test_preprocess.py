@@ -96,6 +96,20 @@ def test_mnist_images_pass_through_almost_unchanged(mnist_test: tuple[np.ndarray
     assert min(close) >= 0.97  # the rest differ by a one-pixel shift from rounding the centre of mass
 
 
+def test_mnist_format_is_used_as_is_and_anything_else_goes_through_the_recipe(
+    mnist_test: tuple[np.ndarray, np.ndarray],
+) -> None:
+    images = mnist_test[0][:300]
+    as_is = [img for img in images if np.array_equal(to_mnist(png(img)), img)]
+    assert len(as_is) >= 0.8 * len(images)  # most MNIST digits already are what the recipe makes
+    small = np.zeros((28, 28), np.uint8)
+    small[2:12, 2:9] = np.asarray(Image.fromarray(as_is[0]).crop((4, 4, 24, 24)).resize((7, 10)))
+    out = to_mnist(png(small))  # a small, off-centre digit on 28×28 black is still scaled and centred
+    rows, cols = np.flatnonzero(out.any(axis=1)), np.flatnonzero(out.any(axis=0))
+    assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= 18
+    assert abs(np.average(np.arange(28), weights=out.sum(axis=1)) - 14) <= 1
+
+
 def test_preprocess_normalises_with_the_given_constants(digits: list[np.ndarray]) -> None:
     data = png(digits[3])
     x = preprocess(data, mean=0.25, std=0.5)

@@ -34,19 +34,15 @@ from PIL import Image
 from ray_app.model import METADATA, WEIGHTS
 from ray_app.preprocess import InputError, Limits, preprocess, to_mnist
 from ray_app.serve import TOKEN_ENV, build_api
+from tests.serving import SERVE_CONFIG, publish_copy, running_serve_app
 from tests.test_serve import (
-    PORT,
     SAMPLES,
-    SERVE_CONFIG,
     DirectBackend,
-    _port_free,
     encode,
     multipart,
     png_declaring,
     publish,
     publish_broken,
-    publish_copy,
-    running_serve_app,
     serve_cli,
     stroke_image,
 )
@@ -417,20 +413,11 @@ class Guarded(NamedTuple):
     ray_tmp: str
 
 
-def wait_for_port(port: int, timeout_s: float = 600) -> None:
-    """Another test module or a benchmark may be serving on ``port``: wait for it to finish."""
-    deadline = time.monotonic() + timeout_s
-    while not _port_free(port):
-        assert time.monotonic() < deadline, f"port {port} still busy after {timeout_s} s"
-        time.sleep(5)
-
-
 @pytest.fixture(scope="module")
 def guarded(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guarded]:
     """``serve run`` with ``PREDICT_TOKEN`` on a copy of the trained model (the tests damage that copy)."""
     model_dir = tmp_path_factory.mktemp("guarded-model")
     version = publish_copy(trained_model_dir, model_dir)
-    wait_for_port(PORT)
     with running_serve_app(model_dir, env={TOKEN_ENV: TOKEN}) as run:
         deadline = time.monotonic() + 60
         while True:

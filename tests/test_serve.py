@@ -14,20 +14,15 @@ import io
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import httpx
 import numpy as np
@@ -35,7 +30,6 @@ import pytest
 import torch
 import yaml
 from fastapi.testclient import TestClient
-from filelock import FileLock
 from PIL import Image, ImageDraw
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -52,17 +46,14 @@ from ray_app.serve import (
     _for_inference,
     app,
     build_api,
+    infer,
     parse_multipart,
     read_body,
     rejection_reason,
 )
-from tests.conftest import SERVE_PORT_LOCK
+from tests.serving import PORT, ROOT, SERVE_CONFIG, Served, publish_copy
 
-ROOT = Path(__file__).resolve().parents[1]
-SERVE_CONFIG = ROOT / "ray_app" / "serve_config.yaml"
 SAMPLES = ROOT / "samples"
-PORT = 8000
-URL = f"http://127.0.0.1:{PORT}"
 NORMALIZATION = {"mean": 0.1307, "std": 0.3081}
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -209,8 +200,7 @@ class DirectBackend:
         self.slot.poll()
 
     async def classify(self, image: np.ndarray) -> Prediction:
-        (result,) = self.slot.require().predict([image])
-        self.metrics.batch([result.digit], 0.001)
+        (result,) = infer(self.slot, self.metrics, [image])
         return result
 
 
@@ -526,152 +516,7 @@ def test_inference_copy_folds_batchnorm_without_changing_outputs(negative_scale:
         assert torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)), model(x), atol=1e-4)
 
 
-# ---- integration: a real `serve run` over HTTP
-def publish_copy(source: Path, model_dir: Path) -> str:
-    """Publish the model in ``source`` to ``model_dir`` again: same weights, a new version id."""
-    artifact = load_artifact(source)
-    meta = {k: v for k, v in artifact.meta.items() if k not in ("version", "sha256", "architecture")}
-    time.sleep(1.1)  # versions are timestamped to the second
-    return save_artifact(model_dir, artifact.model.state_dict(), meta)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _session_processes(session: int) -> list[int]:
-    """PIDs in a session: ``serve run`` started with ``start_new_session`` and every Ray process it spawned
-    (workers rename themselves to ``ray::...`` but keep the session)."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return [int(pid) for pid, sid in (line.split() for line in out.splitlines()) if int(sid) == session]
-
-
-class ServeRun(NamedTuple):
-    """A running ``serve run``: HTTP address, Ray dashboard address (for the ``serve`` CLI), its log."""
-
-    url: str
-    dashboard: str
-    log: Path
-
-
-@contextmanager
-def running_serve_app(
-    model_dir: Path, timeout_s: float = 240, env: dict[str, str] | None = None, lock_timeout_s: float = 1800
-) -> Iterator[ServeRun]:
-    """``serve run`` the Serve config with ``MODEL_DIR=model_dir`` on a Ray of its own; yield its addresses.
-
-    Ready once the app itself answers ``/healthz`` (200, or 503 without a model). On exit: SIGINT (Serve shuts
-    down and the Ray it started stops), then SIGTERM/SIGKILL if needed, and any process left in its session is
-    killed, so nothing keeps running after the tests. Runs hold a file lock on the port, so test sessions
-    that use this helper at the same time take turns instead of colliding on port 8000.
-    """
-    with FileLock(SERVE_PORT_LOCK, timeout=lock_timeout_s):
-        deadline = time.monotonic() + 300  # another test run may still be stopping its app
-        while not _port_free(PORT):
-            assert time.monotonic() < deadline, f"port {PORT} is busy; stop whatever serves there first"
-            time.sleep(2)
-        yield from _serve_run(model_dir, timeout_s, env)
-
-
-def _serve_run(model_dir: Path, timeout_s: float, env: dict[str, str] | None) -> Iterator[ServeRun]:
-    """The body of :func:`running_serve_app`, once the port is ours."""
-    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    run_env = {
-        **os.environ,
-        "RAY_SERVE_ENABLE_HA_PROXY": "1" if sys.platform == "linux" else "0",  # as `make serve` runs it
-        # A starved machine (parallel test runs) can miss Serve's 5 s proxy ready check; give it time.
-        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
-        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
-        **(env or {}),
-        "MODEL_DIR": str(model_dir),
-        "RAY_TMPDIR": ray_tmp,  # a fresh Ray: never join a cluster someone else started
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        # HAProxy ingress (when enabled): its files and side ports private to this run, not the shared defaults
-        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{ray_tmp}/haproxy/haproxy.cfg",
-        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{ray_tmp}/haproxy/admin.sock",
-        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": f"{ray_tmp}/haproxy",
-        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{ray_tmp}/haproxy/server-state",
-        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{ray_tmp}/haproxy/metrics.sock",
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-    }
-    run_env.pop("RAY_ADDRESS", None)
-    log_path = Path(ray_tmp) / "serve_run.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ray.serve.scripts", "run", str(SERVE_CONFIG)],
-            cwd=ROOT,
-            env=run_env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=lambda: signal.signal(
-                signal.SIGINT, signal.SIG_DFL
-            ),  # SIGINT works even if we ignore it
-        )
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert proc.poll() is None, f"serve run exited {proc.returncode}:\n{log_path.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, (
-                f"app not up in {timeout_s} s:\n{log_path.read_text()[-4000:]}"
-            )
-            try:
-                if "status" in httpx.get(f"{URL}/healthz", timeout=2).json():
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(1)
-        dashboard = re.search(r"dashboard at \S*?(http://[\d.]+:\d+)", log_path.read_text())
-        yield ServeRun(URL, dashboard.group(1) if dashboard else "", log_path)
-    finally:
-        for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            if proc.poll() is not None:
-                break
-            os.killpg(proc.pid, sig)
-            with suppress(subprocess.TimeoutExpired):
-                proc.wait(wait_s)
-        for pid in _session_processes(proc.pid):
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-class Served(NamedTuple):
-    """The running app, its model folder, what ``/healthz`` said before the model appeared, Ray's temp dir."""
-
-    url: str
-    dashboard: str
-    model_dir: Path
-    first_health: httpx.Response
-    pickup_s: float
-    ray_tmp: Path
-
-
-@pytest.fixture(scope="module")
-def served(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """The app started on an empty model folder; the trained model is published once it is up."""
-    model_dir = tmp_path_factory.mktemp("served-model")
-    with running_serve_app(model_dir) as run:
-        url = run.url
-        first_health = httpx.get(f"{url}/healthz", timeout=5)
-        published = time.monotonic()
-        version = publish_copy(trained_model_dir, model_dir)
-        while httpx.get(f"{url}/healthz", timeout=5).json().get("model_version") != version:
-            assert time.monotonic() - published < 30, "model not picked up in 30 s"
-            time.sleep(0.2)
-        yield Served(
-            url, run.dashboard, model_dir, first_health, time.monotonic() - published, run.log.parent
-        )
-
-
+# ---- integration: a real `serve run` over HTTP (the session's shared app: `served` in conftest.py)
 def sample_files() -> list[tuple[Path, int]]:
     """Committed samples of every style with their digit, from the file name (``zero.png``, ``ink/7.png``)."""
     found = []
