@@ -32,7 +32,7 @@ test: install  ## run the test suite
 	$(BIN)/python -m pytest
 
 bench: install  ## benchmarks: Ray Serve vs the seed-style server, Ray Train vs plain PyTorch (bench/results/)
-	$(BIN)/python bench/serve_bench.py --model-dir $(MODEL_DIR) && $(BIN)/python bench/train_bench.py
+	$(BIN)/python bench/serve_bench.py --model-dir $(MODEL_DIR) && $(BIN)/python bench/train_bench.py --data-dir $${MNIST_DATA_DIR:-$(MODEL_DIR)/data}
 
 soak: install  ## 5 minutes at concurrency 32 against a fresh `serve run` (bench/results/soak.*)
 	$(BIN)/python bench/soak.py --model-dir $(MODEL_DIR)
