@@ -2,6 +2,7 @@
 --   wrk -t2 -c16 -d10s -s bench/predict.lua http://localhost:8000/predict -- samples/zero.png
 --   wrk -t2 -c4 -d10s -s bench/predict.lua http://localhost:8000/predict/batch -- samples/zero.png 32
 -- On /predict the image goes in the field "file"; on /predict/batch it is sent COUNT times as "files".
+-- With PREDICT_TOKEN set in the environment, it is sent as a bearer token.
 local boundary = "wrk-mnist-7b3c1d9e5f"
 
 function init(args)
@@ -17,6 +18,10 @@ function init(args)
     .. "Content-Type: application/octet-stream\r\n\r\n" .. data .. "\r\n"
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "multipart/form-data; boundary=" .. boundary
+  local token = os.getenv("PREDICT_TOKEN")
+  if token and token ~= "" then
+    wrk.headers["Authorization"] = "Bearer " .. token
+  end
   wrk.body = string.rep(part, count) .. "--" .. boundary .. "--\r\n"
 end
 

@@ -1,4 +1,4 @@
-"""Soak test: sustained ``/predict`` load, reporting errors, p50/p99 per window and replica memory over time.
+"""Soak test: sustained ``/predict`` load from ``wrk`` in windows: errors, p50/p99 per window, replica memory.
 
     python bench/soak.py                   # 5 min at concurrency 32 against a `serve run` it starts (MODEL_DIR)
     python bench/soak.py --url http://host:8000 --token "$PREDICT_TOKEN"   # against a running service
@@ -12,13 +12,13 @@ Writes ``soak.json`` and ``soak.md`` (default ``bench/results``). Replica memory
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +28,11 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.serve_bench import wrk  # noqa: E402
+from tests.serving import running_serve_app  # noqa: E402  (the tests' `serve run`: starts and stops it)
+
 REPLICA = "ServeReplica:mnist:MNISTClassifier"
 
 
@@ -83,79 +88,46 @@ def rss_mb(procs: list[psutil.Process]) -> dict[str, float]:
     return out
 
 
-async def soak(
-    url: str, args: argparse.Namespace, data: bytes, ray_tmpdir: str
-) -> tuple[list[tuple[float, float, str]], list[dict[str, Any]]]:
-    """Run the load; return (seconds since start, latency s, status or error) per request and memory samples."""
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-    records: list[tuple[float, float, str]] = []
+def soak(url: str, args: argparse.Namespace, ray_tmpdir: str) -> tuple[list[dict], list[dict[str, Any]]]:
+    """Back-to-back ``wrk`` windows on ``/predict`` while a thread samples replica memory; return both."""
     memory: list[dict[str, Any]] = []
+    stop = threading.Event()
     start = time.monotonic()
-    deadline = start + args.duration
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, headers=headers) as http:
 
-        async def worker() -> None:
-            while time.monotonic() < deadline:
-                began = time.monotonic()
-                try:
-                    response = await http.post("/predict", files={"file": ("digit.png", data)})
-                    outcome = str(response.status_code)
-                except httpx.HTTPError as exc:
-                    outcome = type(exc).__name__
-                records.append((began - start, time.monotonic() - began, outcome))
+    def sampler() -> None:
+        while not stop.is_set():
+            memory.append({"t_s": round(time.monotonic() - start, 1), "rss_mb": rss_mb(replicas(ray_tmpdir))})
+            stop.wait(min(5.0, args.window / 2))
 
-        async def sampler() -> None:
-            while time.monotonic() < deadline:
-                procs = await asyncio.to_thread(replicas, ray_tmpdir)
-                memory.append({"t_s": round(time.monotonic() - start, 1), "rss_mb": rss_mb(procs)})
-                await asyncio.sleep(min(5.0, args.window / 2))
-
-        await asyncio.gather(sampler(), *(worker() for _ in range(args.concurrency)))
-    return records, memory
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) of ``values`` in ms (nearest rank)."""
-    ordered = sorted(values)
-    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
-
-
-def summarize(records: list[tuple[float, float, str]], memory: list[dict[str, Any]], window: float) -> dict:
-    """Totals, per-window latency and throughput, and replica memory growth."""
+    thread = threading.Thread(target=sampler, daemon=True)
+    thread.start()
     windows = []
-    count = max(1, int(max((t for t, _, _ in records), default=0) // window) + 1)
-    for i in range(count):
-        inside = [(lat, outcome) for t, lat, outcome in records if i * window <= t < (i + 1) * window]
-        ok = [lat for lat, outcome in inside if outcome == "200"]
-        windows.append(
-            {
-                "start_s": i * window,
-                "requests": len(inside),
-                "errors": len(inside) - len(ok),
-                "rps": round(len(inside) / window, 1),
-                "p50_ms": percentile(ok, 0.5) if ok else None,
-                "p99_ms": percentile(ok, 0.99) if ok else None,
-            }
-        )
-    outcomes: dict[str, int] = {}
-    for _, _, outcome in records:
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    try:
+        for i in range(max(1, round(args.duration / args.window))):
+            result = wrk(f"{url}/predict", args.concurrency, args.window, Path(args.sample), token=args.token)
+            windows.append({"start_s": round(i * args.window, 1), **result})
+    finally:
+        stop.set()
+        thread.join()
+    return windows, memory
+
+
+def summarize(windows: list[dict[str, Any]], memory: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals, per-window latency and throughput, and replica memory growth."""
     first, last = (memory[0]["rss_mb"], memory[-1]["rss_mb"]) if memory else ({}, {})
     growth = {
         pid: round(100 * (last[pid] - first[pid]) / first[pid], 1)
         for pid in first
         if pid in last and first[pid]
     }
-    latencies = [lat for _, lat, outcome in records if outcome == "200"]
-    p99s = [w["p99_ms"] for w in windows if w["p99_ms"] is not None]
+    p99s = [w["p99_ms"] for w in windows]
     return {
-        "requests": len(records),
-        "errors": len(records) - outcomes.get("200", 0),
-        "outcomes": outcomes,
-        "p50_ms": percentile(latencies, 0.5) if latencies else None,
-        "p99_ms": percentile(latencies, 0.99) if latencies else None,
-        "p99_spread": round(max(p99s) / statistics.median(p99s), 2) if p99s else None,
+        "requests": sum(w["requests"] for w in windows),
+        "errors": sum(w["non_2xx"] + w["socket_errors"] for w in windows),
+        "rps": round(statistics.mean(w["rps"] for w in windows), 1),
+        "p50_ms_median_window": round(statistics.median(w["p50_ms"] for w in windows), 1),
+        "p99_ms_range": [round(min(p99s), 1), round(max(p99s), 1)],
+        "p99_spread": round(max(p99s) / statistics.median(p99s), 2),
         "windows": windows,
         "memory": memory,
         "rss_growth_pct": growth,
@@ -165,35 +137,36 @@ def summarize(records: list[tuple[float, float, str]], memory: list[dict[str, An
 def markdown(result: dict[str, Any]) -> str:
     """The human-readable report."""
     s = result["summary"]
+    pids = list(s["memory"][0]["rss_mb"]) if s["memory"] else []
     lines = [
         "# Soak test",
         "",
-        f"{result['duration_s']:g} s at concurrency {result['concurrency']} against {result['url']} "
-        f"({result['date']}, load average {result['load_average_start']} → {result['load_average_end']}, "
-        f"{result['cpus']} CPUs). Requests: {s['requests']}, errors: {s['errors']} {s['outcomes']}; "
-        f"overall p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms; max window p99 / median window p99 = "
-        f"{s['p99_spread']}.",
+        f"{result['duration_s']:g} s of `wrk` at concurrency {result['concurrency']} on {result['url']}/predict in "
+        f"{result['window_s']:g} s windows ({result['date']}, load average {result['load_average_start']} → "
+        f"{result['load_average_end']}, {result['cpus']} CPUs). Requests: {s['requests']}, errors (non-2xx + "
+        f"socket): {s['errors']}; {s['rps']} req/s; median window p50 {s['p50_ms_median_window']} ms; window "
+        f"p99 {s['p99_ms_range'][0]}–{s['p99_ms_range'][1]} ms (max / median = {s['p99_spread']}).",
         "",
         "| window start (s) | requests | errors | req/s | p50 ms | p99 ms |",
         "|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {w['start_s']:g} | {w['requests']} | {w['errors']} | {w['rps']} | {w['p50_ms']} | {w['p99_ms']} |"
+            f"| {w['start_s']:g} | {w['requests']} | {w['non_2xx'] + w['socket_errors']} | {w['rps']} "
+            f"| {w['p50_ms']:.1f} | {w['p99_ms']:.1f} |"
             for w in s["windows"]
         ),
         "",
         "Replica RSS (MB) over time:",
         "",
-        "| t (s) | "
-        + " | ".join(f"pid {pid}" for pid in (s["memory"][0]["rss_mb"] if s["memory"] else {}))
-        + " |",
+        "| t (s) | " + " | ".join(f"pid {pid}" for pid in pids) + " |",
+        "|---:|" + "---:|" * len(pids),
+        *(
+            f"| {m['t_s']} | " + " | ".join(str(m["rss_mb"].get(p, "")) for p in pids) + " |"
+            for m in s["memory"]
+        ),
+        "",
+        f"RSS growth first → last sample (%): {s['rss_growth_pct']}",
+        "",
     ]
-    pids = list(s["memory"][0]["rss_mb"]) if s["memory"] else []
-    lines.append("|---:|" + "---:|" * len(pids))
-    for sample in s["memory"]:
-        lines.append(
-            f"| {sample['t_s']} | " + " | ".join(str(sample["rss_mb"].get(p, "")) for p in pids) + " |"
-        )
-    lines += ["", f"RSS growth first → last sample (%): {s['rss_growth_pct']}", ""]
     return "\n".join(lines)
 
 
@@ -205,16 +178,17 @@ def run(url: str, args: argparse.Namespace, ray_tmpdir: str) -> dict[str, Any]:
     if warm.status_code != 200:
         raise SystemExit(f"warm-up request failed: {warm.status_code} {warm.text[:300]}")
     load_start = round(os.getloadavg()[0], 2)
-    records, memory = asyncio.run(soak(url, args, data, ray_tmpdir))
+    windows, memory = soak(url, args, ray_tmpdir)
     return {
         "url": url,
         "duration_s": args.duration,
+        "window_s": args.window,
         "concurrency": args.concurrency,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpus": len(os.sched_getaffinity(0)),
         "load_average_start": load_start,
         "load_average_end": round(os.getloadavg()[0], 2),
-        "summary": summarize(records, memory, args.window),
+        "summary": summarize(windows, memory),
     }
 
 
@@ -223,9 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         result = run(args.url.rstrip("/"), args, args.ray_tmpdir)
     else:
-        sys.path.insert(0, str(ROOT))
-        from tests.test_serve import running_serve_app  # the tests' `serve run` lifecycle (starts and stops)
-
         with running_serve_app(Path(args.model_dir).resolve()) as served:
             result = run(served.url, args, str(served.log.parent))
     out = Path(args.out)

@@ -485,7 +485,7 @@ def test_soak_smoke_every_request_succeeds(guarded: Guarded, tmp_path: Path) -> 
     print(done.stdout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "soak.json").read_text())["summary"]
-    assert summary["requests"] > 0 and summary["errors"] == 0, summary["outcomes"]
+    assert summary["requests"] > 0 and summary["errors"] == 0, summary["windows"]
     assert len(summary["memory"][0]["rss_mb"]) == 2  # both replicas found and measured
 
 
