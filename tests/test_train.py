@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict
@@ -159,7 +160,11 @@ def _train_workers(root: psutil.Process) -> list[psutil.Process]:
 def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path: Path, mnist_dir: Path) -> None:
     cmd = [sys.executable, "-m", "ray_app.train", "--model-dir", str(tmp_path), "--data-dir", str(mnist_dir)]
     cmd += ["--train-limit", "20000", "--epochs", "3", "--min-accuracy", "0", "--max-failures", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # a Ray of its own; short: socket paths ≤ 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
@@ -175,6 +180,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path: Path, mnist_di
     finally:
         if proc.poll() is None:
             proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     reader.join(timeout=10)
     progress = "".join(line for line in lines if any(k in line for k in ("epoch", "rror", "esum", "ailure")))
     assert "resuming from the checkpoint of epoch" in progress, progress
