@@ -12,7 +12,8 @@ PNG and the same load (``wrk`` + ``bench/predict.lua``) at each concurrency afte
   Python proxy).
 
 Then ``/predict/batch`` with many images per request (images/s) against the served network's bare batched
-forward-pass rate measured in this process with torch on all CPUs. Every process started here is stopped on exit, Ctrl-C included.
+forward-pass rate measured in this process with torch on all CPUs. Every process started here is stopped on exit,
+Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -157,6 +158,12 @@ def session_pids(session: int) -> list[int]:
     return [int(pid) for pid, sid in (line.split() for line in out.splitlines()) if int(sid) == session]
 
 
+def _default_sigint() -> None:
+    """In the child before exec: take SIGINT back even when this process was started with it ignored (in the
+    background), so the SIGINT that stops a server is not lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextmanager
 def launched(
     name: str,
@@ -177,9 +184,7 @@ def launched(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=lambda: signal.signal(
-                signal.SIGINT, signal.SIG_DFL
-            ),  # SIGINT works even if we ignore it
+            preexec_fn=_default_sigint,
         )
     try:
         deadline = time.monotonic() + timeout_s

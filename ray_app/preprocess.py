@@ -98,10 +98,7 @@ def _in_mnist_format(gray: np.ndarray) -> bool:
         return False
     if not BOX - 4 <= max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 <= BOX:
         return False
-    weights = gray.astype(np.float64)
-    total = weights.sum()
-    row = weights.sum(axis=1) @ _LEVELS[:SIDE] / total
-    col = weights.sum(axis=0) @ _LEVELS[:SIDE] / total
+    row, col = _centre_of_mass(gray)
     return abs(row - CENTRE) <= 1 and abs(col - CENTRE) <= 1
 
 
@@ -327,15 +324,21 @@ def _fit(pixels: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
 
 
+def _centre_of_mass(pixels: np.ndarray) -> tuple[float, float]:
+    """(row, column) of the ink's centre of mass; the image must not be blank."""
+    weights = pixels.astype(np.float64)
+    total = weights.sum()
+    row = weights.sum(axis=1) @ _LEVELS[: pixels.shape[0]] / total
+    col = weights.sum(axis=0) @ _LEVELS[: pixels.shape[1]] / total
+    return row, col
+
+
 def _place(pixels: np.ndarray) -> np.ndarray:
     """Paste into a black 28×28 image with the centre of mass at MNIST's centre."""
     height, width = pixels.shape
-    weights = pixels.astype(np.float64)
-    total = weights.sum()
-    if total == 0:
+    if not pixels.any():
         raise InputError(422, "no digit found: the image is blank")
-    row = weights.sum(axis=1) @ _LEVELS[:height] / total
-    col = weights.sum(axis=0) @ _LEVELS[:width] / total
+    row, col = _centre_of_mass(pixels)
     top = min(max(round(CENTRE - row), 0), SIDE - height)
     left = min(max(round(CENTRE - col), 0), SIDE - width)
     out = np.zeros((SIDE, SIDE), dtype=np.uint8)

@@ -232,7 +232,7 @@ def _for_inference(model: nn.Module) -> nn.Module:
             while j > 0 and isinstance(sequence[j], nn.MaxPool2d):
                 j -= 1
             scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-            if isinstance(sequence[j], nn.Conv2d) and (j == i - 1 or bool((scale > 0).all())):
+            if j >= 0 and isinstance(sequence[j], nn.Conv2d) and (j == i - 1 or bool((scale > 0).all())):
                 sequence[j], sequence[i] = fuse_conv_bn_eval(sequence[j], norm), nn.Identity()
     return model.to(memory_format=torch.channels_last)
 

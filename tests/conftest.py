@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -42,20 +43,25 @@ def mnist_dir() -> Path:
 def run_train(
     *args: str, env: dict[str, str] | None = None, timeout: float = 900
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m ray_app.train`` in a subprocess (its own embedded Ray, stopped when it exits).
-
-    The Ray it starts lives in a private temporary folder, so it never joins or disturbs another local Ray.
-    """
-    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    try:
+    """Run ``python -m ray_app.train`` in a subprocess (its own embedded Ray, stopped when it exits)."""
+    with private_ray_env() as ray_env:
         return subprocess.run(
             [sys.executable, "-m", "ray_app.train", *args],
-            env={**os.environ, "RAY_TMPDIR": ray_tmp, **(env or {})},
+            env={**ray_env, **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,
             cwd=ROOT,
         )
+
+
+@contextmanager
+def private_ray_env() -> Iterator[dict[str, str]]:
+    """This environment with ``RAY_TMPDIR`` set to a fresh folder (removed afterwards): a Ray started with it
+    never joins or disturbs another local Ray."""
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    try:
+        yield {**os.environ, "RAY_TMPDIR": ray_tmp}
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict
@@ -21,7 +20,7 @@ import torch
 from ray_app import data
 from ray_app.model import ModelConfig, Net, load_artifact
 from ray_app.train import augment, parse_args, publish
-from tests.conftest import ROOT, run_train
+from tests.conftest import ROOT, private_ray_env, run_train
 
 
 def _accuracy(model: Net, mnist_dir: Path) -> float:
@@ -160,27 +159,25 @@ def _train_workers(root: psutil.Process) -> list[psutil.Process]:
 def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path: Path, mnist_dir: Path) -> None:
     cmd = [sys.executable, "-m", "ray_app.train", "--model-dir", str(tmp_path), "--data-dir", str(mnist_dir)]
     cmd += ["--train-limit", "20000", "--epochs", "3", "--min-accuracy", "0", "--max-failures", "2"]
-    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # a Ray of its own; short: socket paths ≤ 107 bytes
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        # The controller records a checkpoint in this snapshot a moment after the workers report it.
-        while not list(tmp_path.glob("ray_results/*/checkpoint_manager_snapshot.json")):
-            assert proc.poll() is None, "".join(lines[-40:])
-            time.sleep(0.2)
-        workers = _train_workers(psutil.Process(proc.pid))
-        assert len(workers) == 2, "".join(lines[-40:])
-        workers[-1].send_signal(signal.SIGKILL)  # during epoch 2: its part of the work dies with it
-        assert proc.wait(timeout=600) == 0, "".join(lines[-60:])
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    with private_ray_env() as env:  # a Ray of its own
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env
+        )
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        try:
+            # The controller records a checkpoint in this snapshot a moment after the workers report it.
+            while not list(tmp_path.glob("ray_results/*/checkpoint_manager_snapshot.json")):
+                assert proc.poll() is None, "".join(lines[-40:])
+                time.sleep(0.2)
+            workers = _train_workers(psutil.Process(proc.pid))
+            assert len(workers) == 2, "".join(lines[-40:])
+            workers[-1].send_signal(signal.SIGKILL)  # during epoch 2: its part of the work dies with it
+            assert proc.wait(timeout=600) == 0, "".join(lines[-60:])
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     reader.join(timeout=10)
     progress = "".join(line for line in lines if any(k in line for k in ("epoch", "rror", "esum", "ailure")))
     assert "resuming from the checkpoint of epoch" in progress, progress
