@@ -139,3 +139,124 @@ def test_versions_kept_and_rollback(tmp_path: Path) -> None:
     assert artifact.meta["version"] == first
     assert torch.equal(artifact.model.state_dict()["head.4.weight"], first_state["head.4.weight"])
     assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == sorted([first, second])
+
+
+# ------------------------------------------------------------------------ file rules (hostile files)
+
+
+def test_published_version_ids_have_the_checked_form(tmp_path: Path) -> None:
+    version, _ = _publish(tmp_path, 0)
+    assert model_module.VERSION_ID.fullmatch(version)
+    assert model_module.check_version_id(version) == version
+
+
+@pytest.mark.parametrize(
+    "version", ["../../x", "..", "a/b", "/etc", "20260101-120000-0123abcd/..", "", "20260101-120000", None]
+)
+def test_rollback_refuses_anything_but_a_version_id(tmp_path: Path, version: object) -> None:
+    _publish(tmp_path, 0)
+    outside = tmp_path / "outside"  # a valid model outside versions/ that a path could reach
+    _publish(outside, 1)
+    before = (tmp_path / "model.json").read_bytes()
+    with pytest.raises(ArtifactError, match="invalid model version"):
+        rollback(tmp_path / "versions" / "..", version)  # type: ignore[arg-type]
+    assert (tmp_path / "model.json").read_bytes() == before
+
+
+def test_rollback_to_a_missing_version_says_so(tmp_path: Path) -> None:
+    _publish(tmp_path, 0)
+    with pytest.raises(ArtifactError, match="no version 20200101-000000-0123abcd"):
+        rollback(tmp_path, "20200101-000000-0123abcd")
+
+
+def test_loader_fallback_ignores_a_path_in_model_json(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    _publish(tmp_path / "evil", 1)  # tmp_path/evil/model.pth: what "../../evil" would reach
+    _publish(model_dir, 0)
+    meta = json.loads((model_dir / "model.json").read_text())
+    meta["version"] = "../../evil"
+    (model_dir / "model.json").write_text(json.dumps(meta))
+    (model_dir / "model.pth").write_bytes(b"garbage")  # checksum mismatch: the loader looks for a copy
+    with pytest.raises(ArtifactError, match="no intact copy.*invalid model version '../../evil'"):
+        load_artifact(model_dir, retries=1, retry_delay_s=0.01)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"conv1": 100_000}, {"hidden": 0}, {"conv2": -3}, {"conv1": True}, {"hidden": "128"}, {"dropout": 1.5}],
+)
+def test_model_json_widths_are_bounded(tmp_path: Path, change: dict[str, object]) -> None:
+    _publish(tmp_path, 0)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    meta["config"] = {**meta["config"], **change}
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=f"bad model config: {next(iter(change))}="):
+        load_artifact(tmp_path)
+
+
+def test_model_json_config_must_be_an_object(tmp_path: Path) -> None:
+    _publish(tmp_path, 0)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    meta["config"] = [1, 2]
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="model config must be an object"):
+        load_artifact(tmp_path)
+
+
+def test_oversized_weights_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _publish(tmp_path, 0)
+    weights = tmp_path / "model.pth"
+    with open(weights, "r+b") as f:  # sparse: no disk space, but a stat size above the cap
+        f.truncate(model_module.MAX_WEIGHTS_BYTES + 1)
+    reads: list[int] = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(1) or real_read_bytes(self))
+    with pytest.raises(ArtifactError, match=f"model.pth is {model_module.MAX_WEIGHTS_BYTES + 1} bytes"):
+        load_artifact(tmp_path, retries=0)
+    assert reads == []
+
+
+def test_oversized_model_json_refused(tmp_path: Path) -> None:
+    _publish(tmp_path, 0)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    meta["padding"] = "x" * model_module.MAX_METADATA_BYTES
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="model.json is .* bytes, more than"):
+        load_artifact(tmp_path)
+
+
+def test_published_files_are_world_readable(tmp_path: Path) -> None:
+    old_umask = os.umask(0o077)  # even under a strict umask: serving may run under another uid
+    try:
+        first, _ = _publish(tmp_path, 0)
+        _publish(tmp_path, 1)
+        rollback(tmp_path, first)
+    finally:
+        os.umask(old_umask)
+    files = [tmp_path / "model.pth", tmp_path / "model.json", *(tmp_path / "versions").glob("*/model.*")]
+    assert len(files) == 6
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}
+
+
+def test_cli_lists_and_rolls_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first, _ = _publish(tmp_path, 0)
+    second, _ = _publish(tmp_path, 1)
+    with caplog.at_level("INFO", logger="ray_app.model"):
+        assert model_module.main(["--model-dir", str(tmp_path), "list"]) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line[: 2 + len(first)] for line in lines] == [f"  {first}", f"* {second}"]  # * = current
+    assert model_module.main(["--model-dir", str(tmp_path), "rollback", first]) == 0
+    assert load_artifact(tmp_path).meta["version"] == first
+    caplog.clear()
+    assert model_module.main(["--model-dir", str(tmp_path), "rollback", "../x"]) == 1
+    assert "invalid model version" in caplog.text
+    assert load_artifact(tmp_path).meta["version"] == first
+
+
+def test_cli_help_states_defaults(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MODEL_DIR", raising=False)
+    with pytest.raises(SystemExit):
+        model_module.main(["--help"])
+    assert "(default: /mnt/model)" in " ".join(capsys.readouterr().out.split())
