@@ -41,7 +41,7 @@ def port_free(port: int) -> bool:
 @pytest.mark.integration
 @pytest.mark.timeout(1500)
 def test_serve_bench_smoke(trained_model_dir: Path, tmp_path: Path) -> None:
-    require(shutil.which("wrk") is not None, "wrk is not installed (apt-get install -y wrk)")
+    require(shutil.which("wrk") is not None, "wrk is not installed", "apt-get install -y wrk")
     done = run_bench(
         "serve_bench.py", "--model-dir", str(trained_model_dir), "--out", str(tmp_path), timeout=1400
     )

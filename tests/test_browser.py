@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.timeout(
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Debian's Chromium driven by Playwright (never `playwright install`)."""
-    require(CHROMIUM.exists(), f"{CHROMIUM} missing: apt-get install -y chromium")
+    require(CHROMIUM.exists(), f"{CHROMIUM} is missing", "apt-get install -y chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -15,7 +15,6 @@ import ast
 import copy
 import functools
 import importlib
-import os
 import re
 import shutil
 import subprocess
@@ -32,6 +31,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from tests.conftest import kuberay_crds_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "kuberay"
@@ -202,12 +203,8 @@ StrictValidator = jsonschema.validators.extend(
 @functools.cache
 def crd_root_schema(kind: str) -> dict[str, Any]:
     """``openAPIV3Schema`` of the served, non-deprecated ``v1`` of the KubeRay CRD for ``kind``."""
-    crds_dir = os.environ.get("KUBERAY_CRDS_DIR")
-    if not crds_dir:
-        pytest.skip(
-            "KUBERAY_CRDS_DIR is not set: point it at the KubeRay v1.7.0 CRDs (../shared/kuberay/crds)"
-        )
-    path = Path(crds_dir) / CRD_FILES[kind]
+    crds_dir = kuberay_crds_dir()  # KUBERAY_CRDS_DIR, else KubeRay's release (pinned, cached) or a skip
+    path = crds_dir / CRD_FILES[kind]
     assert path.is_file(), f"KUBERAY_CRDS_DIR={crds_dir} has no {CRD_FILES[kind]}"
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     crd = yaml.load(path.read_text(), Loader=loader)

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ray_app.preprocess import InputError, Limits, preprocess, to_mnist
+from tests.conftest import require
 from tests.uploads import STYLES, encode, fonts, printed_ink, upload
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -141,14 +142,16 @@ FONT_NAMES = [
     "LiberationSans-Regular",
     "LiberationSerif-Regular",
 ]
+FONT_PACKAGES = "fonts-dejavu-core fonts-dejavu-extra fonts-liberation"  # Debian packages of these fonts
 
 
 @pytest.mark.parametrize("font_name", FONT_NAMES)
 @pytest.mark.parametrize("style", ["paper", "canvas", "jpeg", "photo", "large"])
 def test_printed_digits(font_name: str, style: str) -> None:
     available = fonts()
-    if font_name not in available:
-        pytest.skip(f"font {font_name} is not installed")
+    require(
+        font_name in available, f"font {font_name} is not installed", f"apt-get install -y {FONT_PACKAGES}"
+    )
     inks = [printed_ink(d, available[font_name]) for d in range(10)]
     # The reference: the same glyphs shrunk into MNIST's format directly.
     references = [to_mnist(upload(ink, "mnist", np.random.default_rng(0))) for ink in inks]
