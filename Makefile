@@ -6,7 +6,10 @@ export MODEL_DIR ?= $(CURDIR)/model
 # Ray Serve's HAProxy ingress (read when Ray starts); its binary package exists for Linux only.
 export RAY_SERVE_ENABLE_HA_PROXY ?= $(if $(filter Linux,$(shell uname -s)),1,0)
 
-.PHONY: install run train serve stop test lint bench soak sync-serve-config clean
+# Debian packages the tests use: chromium (the page in a browser), wrk (load), fonts (printed digits), ss and ps.
+TEST_DEB_PACKAGES := chromium wrk fonts-dejavu-core fonts-dejavu-extra fonts-liberation iproute2 procps
+
+.PHONY: install run train serve stop test test-deps lint bench soak sync-serve-config clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +31,18 @@ serve: install  ## serve $(MODEL_DIR) with ray_app/serve_config.yaml on an embed
 stop:  ## stop what `make run`/`make serve` started (other Ray clusters on the machine are left alone)
 	@pid=$$(cat .serve.pid 2>/dev/null); if [ -n "$$pid" ] && ps -o args= -p $$pid | grep -q "serve run"; then kill -INT $$pid; for i in $$(seq 40); do kill -0 $$pid 2>/dev/null || break; [ $$i = 15 ] && kill -TERM $$pid; sleep 1; done; echo stopped; fi; rm -f .serve.pid
 
-test: install  ## run the test suite
+test: install test-deps  ## run the tests; they fetch MNIST into $(MODEL_DIR)/data and the KubeRay CRDs if missing
 	$(BIN)/python -m pytest
+
+test-deps:  ## as root with apt-get: install the Debian packages some tests use; otherwise say what to run
+	@missing=$$(for p in $(TEST_DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null \
+	  | grep -q "ok installed" || echo $$p; done | xargs); \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then echo "apt-get install $$missing"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+	  || echo "apt-get failed: the tests that need $$missing will skip"; \
+	elif command -v apt-get >/dev/null; then echo "some tests skip until you run: sudo apt-get install -y $$missing"; \
+	else echo "some tests skip without /usr/bin/chromium, wrk, DejaVu and Liberation fonts, ss and ps"; fi
 
 bench: install  ## benchmarks: Ray Serve vs the seed-style server, Ray Train vs plain PyTorch (bench/results/)
 	$(BIN)/python bench/serve_bench.py --model-dir $(MODEL_DIR) && $(BIN)/python bench/train_bench.py --data-dir $${MNIST_DATA_DIR:-$(MODEL_DIR)/data}
