@@ -5,7 +5,7 @@ available font, as upload files; they go through ``ray_app.preprocess.preprocess
 column feeds the same files through a plain grayscale + 28×28 resize, as the original service did.
 
 Usage:
-    python bench/preprocess_accuracy.py --model-dir ./artifacts/model --data-dir ../shared/data [--per-style 500]
+    python bench/preprocess_accuracy.py --model-dir ./model --data-dir ./model/data [--per-style 500]
         [--output accuracy.md]
 """
 
