@@ -51,7 +51,7 @@ class Net(nn.Module):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, conv1, 5, bias=False),  # 28 -> 24
-            nn.MaxPool2d(2),  # -> 12; pooling before BN-ReLU makes them 4× cheaper (training 1.3× faster)
+            nn.MaxPool2d(2),  # -> 12; pooling first leaves BN and ReLU a quarter of the elements to work on
             nn.BatchNorm2d(conv1),
             nn.ReLU(inplace=True),
             nn.Conv2d(conv1, conv2, 3, bias=False),  # -> 10
