@@ -1,7 +1,7 @@
 """Ray Serve application: the MNIST classifier behind a FastAPI ingress, with batching and hot model reload.
 
 Usage:
-    MODEL_DIR=./artifacts/model serve run ray_app/serve_config.yaml
+    MODEL_DIR=./model serve run ray_app/serve_config.yaml     # what `make serve` runs
     curl -s -X POST -F "file=@samples/zero.png" http://localhost:8000/predict
 
 Routes: ``POST /predict`` (multipart field ``file``; ``?include_input=1`` adds the 28x28 image the model saw),
@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ray_app.model import DEFAULT_MODEL_DIR, METADATA, WEIGHTS, Artifact, ArtifactError, load_artifact
+from ray_app.multipart import FormLimits, Part, read_form
 from ray_app.preprocess import InputError, Limits, to_mnist
 
 # A child of Serve's logger, so messages reach the replica log files (Serve configures only "ray.serve").
@@ -60,6 +60,9 @@ class Settings:
     max_batch_size: int = 16  # images per forward pass
     batch_wait_timeout_s: float = 0.0  # 0: batch whatever queued while the previous batch ran
     max_files: int = 64  # multipart parts per request
+    max_body_bytes: int = 5 * 2**20  # request body
+    max_part_header_bytes: int = 4096  # header bytes of one multipart part
+    max_part_headers: int = 8  # headers of one multipart part
     body_timeout_s: float = 10.0  # time allowed to receive the request body (slow clients get 408)
     inline_decode_bytes: int = 65536  # larger uploads are decoded in a worker thread, off the event loop
     model_poll_interval_s: float = 1.0  # how often the model directory is checked for a new model
@@ -78,7 +81,14 @@ class Settings:
             except TypeError as exc:
                 raise ValueError(f"user_config limits: {exc}") from None
         settings = cls(**values)
-        for name in ("max_batch_size", "max_files", "inline_decode_bytes"):
+        for name in (
+            "max_batch_size",
+            "max_files",
+            "max_body_bytes",
+            "max_part_header_bytes",
+            "max_part_headers",
+            "inline_decode_bytes",
+        ):
             if not isinstance(getattr(settings, name), int) or getattr(settings, name) < 1:
                 raise ValueError(f"user_config {name} must be an integer >= 1")
         if not 0 <= settings.batch_wait_timeout_s < 1:
@@ -86,6 +96,29 @@ class Settings:
         if not (settings.body_timeout_s > 0 and settings.model_poll_interval_s > 0):
             raise ValueError("user_config body_timeout_s and model_poll_interval_s must be > 0")
         return settings
+
+    def form_limits(self) -> FormLimits:
+        """The multipart limits: an image part may hold at most ``limits.max_bytes``."""
+        return FormLimits(
+            max_body_bytes=self.max_body_bytes,
+            max_part_bytes=min(self.limits.max_bytes, self.max_body_bytes),
+            max_parts=self.max_files,
+            max_header_bytes=self.max_part_header_bytes,
+            max_headers=self.max_part_headers,
+            timeout_s=self.body_timeout_s,
+        )
+
+
+def configured_token(value: str | None) -> str | None:
+    """The bearer token from the ``PREDICT_TOKEN`` value, stripped (``None``: auth off); empty is refused."""
+    if value is None:
+        return None
+    token = value.strip()
+    if not token:
+        raise ValueError(
+            f"{TOKEN_ENV} is set but empty: set it to the token clients must send, or unset it to turn auth off"
+        )
+    return token
 
 
 # Custom Prometheus metrics (Ray exports them with a ``ray_`` prefix, tagged with deployment and replica)
@@ -306,105 +339,6 @@ class ModelSlot:
         return 200, body
 
 
-# HTTP: body reading and multipart parsing (lean: the hot path of every request)
-class Part(NamedTuple):
-    """One multipart/form-data part."""
-
-    name: str
-    filename: str | None
-    data: bytes
-
-
-_BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,70})"|([^\s;,"]{1,70}))', re.IGNORECASE)
-_PARAM = re.compile(rb';\s*([\w*.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
-
-
-def _unquote(value: bytes) -> str:
-    """Decode a header parameter value, removing quotes and backslash escapes."""
-    if value[:1] == b'"':
-        value = value[1:-1]
-        if b"\\" in value:
-            value = re.sub(rb"\\(.)", rb"\1", value)
-    return value.decode("utf-8", "replace").strip()
-
-
-def _disposition(headers: bytes) -> tuple[str, str | None]:
-    """``(name, filename)`` from a part's Content-Disposition header."""
-    for line in headers.split(b"\r\n"):
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == b"content-disposition":
-            params = {k.lower(): v for k, v in _PARAM.findall(value)}
-            if b"name" in params:
-                filename = params.get(b"filename")
-                return _unquote(params[b"name"]), None if filename is None else _unquote(filename)
-    raise HTTPException(400, "malformed multipart body: a part has no Content-Disposition name")
-
-
-def parse_multipart(body: bytes, content_type: str, max_parts: int) -> list[Part]:
-    """Split a ``multipart/form-data`` body (RFC 7578) into parts; malformed input raises a 4xx."""
-    media_type = content_type.partition(";")[0].strip().lower()
-    if media_type != "multipart/form-data":
-        got = media_type or "no Content-Type"
-        raise HTTPException(415, f"expected multipart/form-data with a '{FILE_FIELD}' field, got {got}")
-    match = _BOUNDARY.search(content_type)
-    if match is None:
-        raise HTTPException(400, "malformed multipart body: Content-Type has no boundary")
-    dash_boundary = b"--" + (match.group(1) or match.group(2)).encode("latin-1")
-    delimiter = b"\r\n" + dash_boundary
-    if body.startswith(dash_boundary):
-        pos = len(dash_boundary)
-    else:
-        pos = body.find(delimiter)
-        if pos < 0:
-            raise HTTPException(400, "malformed multipart body: boundary not found")
-        pos += len(delimiter)
-    parts: list[Part] = []
-    while not body.startswith(b"--", pos):  # "--" after a boundary closes the body
-        line_end = body.find(b"\r\n", pos)
-        header_end = body.find(b"\r\n\r\n", line_end) if line_end >= 0 else -1
-        data_end = body.find(delimiter, header_end + 4) if header_end >= 0 else -1
-        if data_end < 0:
-            raise HTTPException(400, "malformed or truncated multipart body: closing boundary not found")
-        if len(parts) == max_parts:
-            raise HTTPException(413, f"too many parts in one request (limit {max_parts})")
-        name, filename = _disposition(body[line_end + 2 : header_end])
-        parts.append(Part(name, filename, body[header_end + 4 : data_end]))
-        pos = data_end + len(delimiter)
-    return parts
-
-
-async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
-    """The request body, refused with 413 from Content-Length or as soon as it grows past ``max_bytes``."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise HTTPException(400, f"invalid Content-Length {declared!r}")
-        if int(declared) > max_bytes:
-            raise HTTPException(
-                413, f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}"
-            )
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:  # raw ASGI messages: cheaper than request.stream() on the hot path
-                message = await request.receive()
-                if message["type"] == "http.disconnect":
-                    raise HTTPException(400, "client disconnected before sending the whole body")
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > max_bytes:
-                    raise HTTPException(413, f"request body exceeds the limit of {max_bytes} bytes")
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-    except TimeoutError:
-        raise HTTPException(408, f"request body not received within {timeout_s:g} s") from None
-    if size == 0:
-        raise HTTPException(400, f"empty request body: send multipart/form-data with a '{FILE_FIELD}' field")
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 # The FastAPI application
 def infer(slot: ModelSlot, metrics: ServeMetrics, images: list[np.ndarray]) -> list[Prediction]:
     """One forward pass over 28x28 uint8 images with the slot's current model, recorded in the metrics."""
@@ -520,16 +454,10 @@ def _wants_input(request: Request) -> bool:
     return request.query_params.get("include_input", "").lower() in ("1", "true", "yes")
 
 
-async def _read_parts(request: Request, settings: Settings) -> list[Part]:
-    """Read and split a multipart request within the body limits."""
-    body = await read_body(request, settings.limits.max_bytes, settings.body_timeout_s)
-    return parse_multipart(body, request.headers.get("content-type", ""), settings.max_files)
-
-
-def _missing(field_name: str, parts: list[Part], hint: str) -> HTTPException:
-    """422 naming the expected field and what was sent instead."""
-    got = sorted({p.name for p in parts})
-    return HTTPException(422, f"missing multipart field '{field_name}' (got {got or 'no fields'}); {hint}")
+_HINTS = {
+    FILE_FIELD: "send the image as -F file=@digit.png",
+    FILES_FIELD: "send -F files=@a.png -F files=@b.png",
+}
 
 
 def _require_token(request: Request, token: str | None) -> None:
@@ -548,8 +476,10 @@ def _require_token(request: Request, token: str | None) -> None:
 def build_api(backend: Backend, token: str | None = None) -> FastAPI:
     """The HTTP API over ``backend``: routes, the upload page and JSON error handlers.
 
-    With ``token``, ``/predict`` and ``/predict/batch`` require it as a bearer token; ``/healthz`` stays open.
+    With ``token`` (stripped; empty is refused), ``/predict``, ``/predict/batch`` and ``/model`` require it as
+    a bearer token; ``/healthz`` and the page stay open.
     """
+    token = configured_token(token)
     api = FastAPI(
         title="MNIST digit classifier",
         summary="Upload an image of a handwritten digit; get the digit and the ten class probabilities.",
@@ -560,6 +490,19 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
     )
     index_html = (STATIC_DIR / "index.html").read_bytes()
     api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    async def open_upload(request: Request, field_name: str) -> list[Part]:
+        """The opening both predict routes share: token, body within the limits, the field, a loaded model."""
+        _require_token(request, token)
+        form = await read_form(request, field_name, backend.settings.form_limits())
+        if not form.parts:
+            got = sorted(set(form.names))
+            raise HTTPException(
+                422,
+                f"missing multipart field '{field_name}' (got {got or 'no fields'}); {_HINTS[field_name]}",
+            )
+        backend.slot.require()
+        return form.parts
 
     @api.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -572,9 +515,10 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
         return _json(body, status)
 
     @api.get("/model", responses={503: {"model": ErrorOut}})
-    async def model_card() -> Response:
+    async def model_card(request: Request) -> Response:
         """The served model's card from its model.json: version, test accuracy (overall and per digit), when
         and how it was trained."""
+        _require_token(request, token)
         return _json(backend.slot.require().card)
 
     @api.post(
@@ -585,17 +529,12 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
     )
     async def predict(request: Request) -> Response:
         """Classify one uploaded image (multipart field `file`)."""
-        _require_token(request, token)
-        settings = backend.settings
-        parts = await _read_parts(request, settings)
-        files = [p for p in parts if p.name == FILE_FIELD]
-        if not files:
-            raise _missing(FILE_FIELD, parts, "send the image as -F file=@digit.png")
+        files = await open_upload(request, FILE_FIELD)
         if len(files) > 1:
             raise HTTPException(
                 422, f"{len(files)} '{FILE_FIELD}' fields; use POST /predict/batch with '{FILES_FIELD}'"
             )
-        backend.slot.require()
+        settings = backend.settings
         image = await _decode(files[0].data, settings, backend.metrics)
         result = await backend.classify(image)
         body = {"prediction": result.digit, "probs": result.probs, "model_version": result.model_version}
@@ -611,13 +550,8 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
     )
     async def predict_batch(request: Request) -> Response:
         """Classify several images (repeated multipart field `files`); results come in upload order."""
-        _require_token(request, token)
+        files = await open_upload(request, FILES_FIELD)
         settings = backend.settings
-        parts = await _read_parts(request, settings)
-        files = [p for p in parts if p.name == FILES_FIELD]
-        if not files:
-            raise _missing(FILES_FIELD, parts, "send -F files=@a.png -F files=@b.png")
-        backend.slot.require()
         images = []
         for index, part in enumerate(files):
             try:
@@ -683,6 +617,7 @@ class MNISTClassifier:
     """
 
     async def __init__(self) -> None:
+        self.token = configured_token(os.environ.get(TOKEN_ENV))  # refuse to start on an empty token
         torch.set_num_threads(_replica_cpus())
         self.settings = Settings()
         self.metrics = ServeMetrics()
@@ -717,7 +652,7 @@ class MNISTClassifier:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Build the HTTP API inside the replica (Serve calls this after ``__init__``)."""
-        return build_api(self, os.environ.get(TOKEN_ENV) or None)
+        return build_api(self, self.token)
 
 
 app = MNISTClassifier.bind()

@@ -33,7 +33,7 @@ from PIL import Image
 
 from ray_app.model import METADATA, WEIGHTS
 from ray_app.preprocess import InputError, Limits, preprocess, to_mnist
-from ray_app.serve import TOKEN_ENV, build_api
+from ray_app.serve import TOKEN_ENV, build_api, configured_token
 from tests.serving import SERVE_CONFIG, publish_copy, running_serve_app
 from tests.test_serve import (
     SAMPLES,
@@ -272,10 +272,13 @@ def test_malformed_request_is_a_4xx_json_error(guarded_client: TestClient, name:
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}],
     ids=["missing", "wrong", "no-scheme", "basic"],
 )
-@pytest.mark.parametrize("path", ["/predict", "/predict/batch"])
+@pytest.mark.parametrize("path", ["/predict", "/predict/batch", "/model"])
 def test_predict_without_the_right_token_is_401(guarded_client: TestClient, headers: dict, path: str) -> None:
-    field = "file" if path == "/predict" else "files"
-    response = guarded_client.post(path, files={field: ("0.png", ZERO)}, headers=headers)
+    if path == "/model":
+        response = guarded_client.get(path, headers=headers)
+    else:
+        field = "file" if path == "/predict" else "files"
+        response = guarded_client.post(path, files={field: ("0.png", ZERO)}, headers=headers)
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
     assert "bearer token" in response.json()["detail"]
@@ -286,12 +289,31 @@ def test_right_token_is_served_and_healthz_stays_open(guarded_client: TestClient
     assert response.status_code == 200, response.text
     batch = guarded_client.post("/predict/batch", files={"files": ("0.png", ZERO)}, headers=AUTH)
     assert batch.status_code == 200, batch.text
+    assert guarded_client.get("/model", headers=AUTH).json()["version"]
     assert guarded_client.get("/healthz").status_code == 200
     assert guarded_client.get("/").status_code == 200
 
 
 def test_without_a_token_configured_predict_is_open(open_client: TestClient) -> None:
     assert open_client.post("/predict", files={"file": ("0.png", ZERO)}).status_code == 200
+    assert open_client.get("/model").status_code == 200
+
+
+def test_configured_token_is_stripped_like_the_header(model_dir: Path) -> None:
+    client = TestClient(build_api(DirectBackend(model_dir), token=f"  {TOKEN}\n"))  # a Secret --from-file
+    assert configured_token(f"{TOKEN}\r\n") == TOKEN and configured_token(None) is None
+    response = client.post("/predict", files={"file": ("0.png", ZERO)}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    padded = {"Authorization": f"Bearer {TOKEN} "}
+    assert client.post("/predict", files={"file": ("0.png", ZERO)}, headers=padded).status_code == 200
+
+
+@pytest.mark.parametrize("value", ["", " ", "\n"])
+def test_empty_token_refuses_to_start(model_dir: Path, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{TOKEN_ENV} is set but empty"):
+        configured_token(value)
+    with pytest.raises(ValueError, match=f"{TOKEN_ENV} is set but empty"):
+        build_api(DirectBackend(model_dir), token=value)
 
 
 # ---- property tests: preprocessing and the handler never fail with anything but a documented error
@@ -418,7 +440,8 @@ def guarded(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     """``serve run`` with ``PREDICT_TOKEN`` on a copy of the trained model (the tests damage that copy)."""
     model_dir = tmp_path_factory.mktemp("guarded-model")
     version = publish_copy(trained_model_dir, model_dir)
-    with running_serve_app(model_dir, env={TOKEN_ENV: TOKEN}) as run:
+    # the trailing newline a Kubernetes Secret made with --from-file carries
+    with running_serve_app(model_dir, env={TOKEN_ENV: TOKEN + "\n"}) as run:
         deadline = time.monotonic() + 60
         while True:
             with suppress(httpx.HTTPError, ValueError):
@@ -472,8 +495,10 @@ def test_auth_over_http(guarded: Guarded) -> None:
             assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
             assert "bearer token" in response.json()["detail"]
         response = http.post("/predict", files={"file": ("0.png", ZERO)}, headers=AUTH)
-        assert response.status_code == 200 and response.json()["prediction"] == 0
-        assert http.get("/healthz").status_code == 200
+        assert response.status_code == 200 and response.json()["prediction"] == 0  # the env value ends in \n
+        assert http.get("/model").status_code == 401
+        assert http.get("/model", headers=AUTH).json()["version"]
+        assert http.get("/healthz").status_code == 200 and http.get("/").status_code == 200
 
 
 @pytest.mark.integration

@@ -18,9 +18,10 @@ import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 import zlib
 from contextlib import suppress
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 from starlette.exceptions import HTTPException
@@ -36,6 +38,7 @@ from starlette.requests import Request
 from torch import nn
 
 from ray_app.model import METADATA, WEIGHTS, ModelConfig, Net, load_artifact, save_artifact
+from ray_app.multipart import Form, FormLimits, Part, read_form
 from ray_app.preprocess import Limits, preprocess, to_mnist
 from ray_app.serve import (
     LoadedModel,
@@ -47,8 +50,6 @@ from ray_app.serve import (
     app,
     build_api,
     infer,
-    parse_multipart,
-    read_body,
     rejection_reason,
 )
 from tests.serving import PORT, ROOT, SERVE_CONFIG, Served, publish_copy
@@ -338,7 +339,7 @@ def test_wrong_method_and_unknown_route(client: TestClient) -> None:
 
 
 def test_body_over_the_limit_is_413_from_header_and_while_reading(model_dir: Path) -> None:
-    settings = Settings(limits=Limits(max_bytes=1000))
+    settings = Settings(max_body_bytes=1000)
     client = TestClient(build_api(DirectBackend(model_dir, settings)))
     body, content_type = multipart([("file", "a.png", b"x" * 2000)])
     declared = client.post("/predict", content=body, headers={"content-type": content_type})
@@ -350,10 +351,20 @@ def test_body_over_the_limit_is_413_from_header_and_while_reading(model_dir: Pat
     assert streamed.status_code == 413 and "exceeds the limit of 1000" in streamed.json()["detail"]
 
 
+def test_part_over_the_image_limit_is_413_while_streaming(model_dir: Path) -> None:
+    client = TestClient(build_api(DirectBackend(model_dir, Settings(limits=Limits(max_bytes=1000)))))
+    body, content_type = multipart([("file", "a.png", b"x" * 2000)])
+    response = client.post("/predict", content=iter([body]), headers={"content-type": content_type})
+    assert response.status_code == 413
+    assert response.json()["detail"] == "multipart part 'file' exceeds the limit of 1000 bytes"
+
+
 def test_too_many_parts_is_413(model_dir: Path) -> None:
     client = TestClient(build_api(DirectBackend(model_dir, Settings(max_files=3))))
     response = client.post("/predict/batch", files=[("files", (f"{i}.png", BAR)) for i in range(4)])
     assert response.status_code == 413 and "limit 3" in response.json()["detail"]
+    exactly = client.post("/predict/batch", files=[("files", (f"{i}.png", BAR)) for i in range(3)])
+    assert exactly.status_code == 200, exactly.text
 
 
 def test_slow_body_is_408() -> None:
@@ -361,10 +372,17 @@ def test_slow_body_is_408() -> None:
         await asyncio.sleep(1)
         return {"type": "http.request", "body": b"x", "more_body": False}
 
-    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    request = Request(
+        {
+            "type": "http",
+            "method": "POST",
+            "headers": [(b"content-type", b"multipart/form-data; boundary=x")],
+        },
+        receive,
+    )
     with pytest.raises(HTTPException) as raised:
-        asyncio.run(read_body(request, 1000, 0.05))
-    assert raised.value.status_code == 408
+        asyncio.run(read_form(request, "file", form_limits(timeout_s=0.05)))
+    assert raised.value.status_code == 408 and "not received within 0.05 s" in raised.value.detail
 
 
 def test_without_model_predict_and_healthz_are_503_with_the_reason(tmp_path: Path) -> None:
@@ -397,12 +415,53 @@ def test_static_files_load_nothing_from_the_internet() -> None:
         assert not re.search(r"(?:src|href|url|import)\W+(?:https?:)?//", path.read_text()), path
 
 
-# ---- unit: multipart parsing
-def test_multipart_keeps_binary_data_exactly() -> None:
+# ---- unit: multipart reading (python-multipart, streamed, bounded)
+def form_limits(**overrides: Any) -> FormLimits:
+    """The default multipart limits with some replaced."""
+    return replace(Settings().form_limits(), **overrides)
+
+
+def read(
+    body: bytes,
+    content_type: str = "multipart/form-data; boundary=b0undary",
+    field: str = "file",
+    limits: FormLimits | None = None,
+    chunk: int = 65536,
+    content_length: bytes | None = None,
+) -> Form:
+    """``read_form`` over a body delivered in ``chunk``-byte ASGI messages."""
+    messages = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
+
+    async def receive() -> dict[str, Any]:
+        data = messages.pop(0)
+        return {"type": "http.request", "body": data, "more_body": bool(messages)}
+
+    headers = [(b"content-type", content_type.encode("latin-1"))]
+    if content_length is not None:
+        headers.append((b"content-length", content_length))
+    request = Request({"type": "http", "method": "POST", "headers": headers}, receive)
+    return asyncio.run(read_form(request, field, limits or form_limits()))
+
+
+def refusal(*args: Any, **kwargs: Any) -> tuple[int, str]:
+    """Status and detail of the 4xx ``read`` raises."""
+    with pytest.raises(HTTPException) as raised:
+        read(*args, **kwargs)
+    return raised.value.status_code, raised.value.detail
+
+
+def part_with_headers(headers: bytes, data: bytes = b"DATA") -> bytes:
+    """A one-part body with the given header block."""
+    return b"--b0undary\r\n" + headers + b"\r\n\r\n" + data + b"\r\n--b0undary--\r\n"
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 65536])
+def test_multipart_keeps_binary_data_exactly_across_chunks(chunk: int) -> None:
     data = b"\r\n--b0undar\r\n--\x00\xff" * 50  # looks like a boundary but is not one
-    body, content_type = multipart([("file", "x.png", data), ("note", None, b"hi")])
-    parts = parse_multipart(b"preamble\r\n" + body + b"epilogue", content_type, 10)
-    assert [(p.name, p.filename, p.data) for p in parts] == [("file", "x.png", data), ("note", None, b"hi")]
+    body, content_type = multipart([("file", "x.png", data), ("note", None, b"hi"), ("file", None, b"")])
+    form = read(body + b"epilogue", content_type, chunk=chunk)
+    assert form.parts == [Part("file", "x.png", data), Part("file", None, b"")]
+    assert form.names == ["file", "note", "file"]  # other parts are named but not kept
 
 
 def test_multipart_quoted_boundary_and_escaped_filename() -> None:
@@ -411,27 +470,161 @@ def test_multipart_quoted_boundary_and_escaped_filename() -> None:
         b'content-disposition: form-data; filename="q\\"x.png"; name=file\r\n'
         b"\r\nDATA\r\n--a:b c--"
     )
-    (part,) = parse_multipart(body, 'multipart/form-data; boundary="a:b c"', 10)
+    (part,) = read(body, 'multipart/form-data; boundary="a:b c"').parts
     assert part == ("file", 'q"x.png', b"DATA")
 
 
 @pytest.mark.parametrize(
-    ("body", "content_type", "status"),
+    ("body", "content_type", "status", "detail"),
     [
-        (b"--x\r\n\r\nDATA\r\n--x--", "multipart/form-data; boundary=x", 400),  # part without a name
-        (
-            b"--x\r\nContent-Disposition: form-data; name=file\r\n\r\nDATA",
-            "multipart/form-data; boundary=x",
-            400,
-        ),
-        (b"DATA", "multipart/form-data; boundary=x", 400),
-        (b"DATA", "image/png", 415),
+        (part_with_headers(b"Content-Type: image/png"), None, 400, "no Content-Disposition name"),
+        (b"--b0undary\r\nContent-Disposition: form-data; name=file\r\n\r\nDATA", None, 400, "truncated"),
+        (b"DATA", None, 400, "malformed multipart body"),
+        (b"preamble\r\n" + part_with_headers(b"Content-Disposition: form-data; name=file"), None, 400, ""),
+        (part_with_headers(b"Bad Header: x"), None, 400, "malformed multipart body"),
+        (b"DATA", "image/png", 415, "expected multipart/form-data with a 'file' field, got image/png"),
+        (b"DATA", "multipart/form-data", 400, "no boundary"),
+        (b"DATA", "multipart/form-data; boundary=" + "x" * 71, 400, "no boundary"),
+        (b"DATA", "multipart/form-data; boundary=x; " + "a" * 2000, 400, "Content-Type longer than"),
+        (b"", None, 400, "empty request body"),
     ],
 )
-def test_malformed_multipart(body: bytes, content_type: str, status: int) -> None:
-    with pytest.raises(HTTPException) as raised:
-        parse_multipart(body, content_type, 10)
-    assert raised.value.status_code == status
+def test_malformed_multipart(body: bytes, content_type: str | None, status: int, detail: str) -> None:
+    got = refusal(body, content_type or "multipart/form-data; boundary=b0undary")
+    assert got[0] == status and detail in got[1]
+
+
+def test_part_header_bytes_are_limited_per_line_and_per_part() -> None:
+    disposition = b"Content-Disposition: form-data; name=file"
+    limits = form_limits(max_header_bytes=200)
+    assert read(part_with_headers(disposition + b"; x=" + b"y" * 100), limits=limits).parts
+    long_line = part_with_headers(disposition + b"; x=" + b"y" * 300)
+    assert refusal(long_line, limits=limits) == (413, "a part's header line exceeds 200 bytes")
+    assert refusal(long_line, limits=limits, chunk=16) == (413, "a part's header line exceeds 200 bytes")
+    several = part_with_headers(disposition + b"".join(b"\r\nX-%d: %s" % (i, b"v" * 60) for i in range(4)))
+    assert refusal(several, limits=limits) == (413, "a part's headers exceed 200 bytes")
+
+
+def test_part_header_count_is_limited() -> None:
+    headers = b"Content-Disposition: form-data; name=file" + b"\r\nX-A: 1" * 3
+    assert read(part_with_headers(headers), limits=form_limits(max_headers=4)).parts
+    assert refusal(part_with_headers(headers), limits=form_limits(max_headers=3)) == (
+        413,
+        "a part has more than 3 headers",
+    )
+
+
+def test_part_bytes_parts_and_body_bytes_are_limited() -> None:
+    body, content_type = multipart([("note", None, b"x" * 101), ("file", "a.png", b"y")])
+    assert refusal(body, content_type, limits=form_limits(max_part_bytes=100), chunk=50) == (
+        413,
+        "multipart part 'note' exceeds the limit of 100 bytes",
+    )
+    body, content_type = multipart([("file", None, b"x")] * 4)
+    assert len(read(body, content_type, limits=form_limits(max_parts=4)).parts) == 4
+    assert refusal(body, content_type, limits=form_limits(max_parts=3)) == (
+        413,
+        "too many parts in one request (limit 3)",
+    )
+    assert refusal(body, content_type, limits=form_limits(max_body_bytes=len(body) - 1), chunk=10)[0] == 413
+
+
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [
+        (b"\xb2", 400),  # '\u00b2' (superscript two): str.isdigit() accepts it, int() does not
+        (b"9" * 5000, 400),
+        (b"9" * 20, 400),
+        (b"-1", 400),
+        (b"+12", 400),
+        (b"1_000", 400),
+        (b"", 400),
+        (b"9" * 19, 413),  # well-formed, over the limit
+    ],
+)
+def test_content_length_must_be_1_to_19_ascii_digits(value: bytes, status: int) -> None:
+    code, detail = refusal(multipart([("file", None, b"x")])[0], content_length=value)
+    assert code == status
+    assert ("1 to 19 ASCII digits" in detail) == (status == 400) and len(detail) < 200
+
+
+def asgi_post(api: FastAPI, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, dict]:
+    """POST through the ASGI interface with raw header bytes (httpx would refuse some of them)."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "server": ("test", 80),
+        "client": ("test", 1),
+    }
+    asyncio.run(api(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def test_bad_content_length_is_400_through_the_app(model_dir: Path) -> None:
+    body, content_type = multipart([("file", "bar.png", BAR)])
+    api = build_api(DirectBackend(model_dir))
+    for value in (b"\xb2", b"1" * 5000):
+        headers = [(b"content-type", content_type.encode()), (b"content-length", value)]
+        status, answer = asgi_post(api, "/predict", headers, body)
+        assert status == 400 and "invalid Content-Length" in answer["detail"]
+    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    assert asgi_post(api, "/predict", headers, body)[0] == 200
+
+
+def hostile_parts() -> dict[str, tuple[bytes, str]]:
+    """Multipart bodies that attacked the hand-written parser (each under the 5 MiB body limit)."""
+    disposition = b'Content-Disposition: form-data; name="file"; filename="a.png"'
+    return {
+        "quoted-parameter-5MB": (
+            part_with_headers(b'Content-Disposition: form-data; name="file"; x="' + b"a" * 5_000_000 + b'"'),
+            "multipart/form-data; boundary=b0undary",
+        ),
+        "semicolon-a-equals-1.7M": (
+            part_with_headers(b"Content-Disposition: form-data; name=file" + b";a=" * 1_700_000),
+            "multipart/form-data; boundary=b0undary",
+        ),
+        "many-headers": (
+            part_with_headers(disposition + b"".join(b"\r\nX-%d: 1" % i for i in range(100_000))),
+            "multipart/form-data; boundary=b0undary",
+        ),
+        "many-parts": (
+            b"--b0undary\r\nContent-Disposition: form-data; name=files\r\n\r\nx\r\n" * 50_000
+            + b"--b0undary--",
+            "multipart/form-data; boundary=b0undary",
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(hostile_parts()))
+def test_hostile_multipart_is_refused_fast_with_bounded_memory(model_dir: Path, name: str) -> None:
+    body, content_type = hostile_parts()[name]
+    client = TestClient(build_api(DirectBackend(model_dir)))
+    tracemalloc.start()
+    started = time.perf_counter()
+    response = client.post("/predict/batch", content=body, headers={"content-type": content_type})
+    elapsed = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert response.status_code == 413, response.text
+    assert elapsed < 2, f"{name}: {elapsed:.1f} s"  # a generous DoS bound, not a speed figure
+    assert peak < 4 * len(body) + 16 * 2**20, f"{name}: {peak / 2**20:.0f} MB"  # the old parser: +850 MB
 
 
 # ---- unit: settings, model slot, batched inference
@@ -585,6 +778,19 @@ def test_bad_requests_over_http(served: Served) -> None:
             headers={"content-type": "multipart/form-data; boundary=x"},
         )
         assert chunked.status_code == 413
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_hostile_multipart_over_http_is_a_fast_4xx(served: Served) -> None:
+    with httpx.Client(base_url=served.url, timeout=30) as http:
+        for name, (body, content_type) in hostile_parts().items():
+            started = time.monotonic()
+            response = http.post("/predict/batch", content=body, headers={"content-type": content_type})
+            elapsed = time.monotonic() - started
+            assert response.status_code == 413, (name, response.text)
+            assert elapsed < 2, f"{name}: {elapsed:.1f} s"  # a generous DoS bound, not a speed figure
+        assert http.post("/predict", files={"file": ("bar.png", BAR)}).status_code == 200
 
 
 @pytest.mark.integration
