@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MANIFEST = ROOT / "kuberay" / "ray-service.mnist.yaml"
+MANIFEST = ROOT / "kuberay" / "serving" / "ray-service.mnist.yaml"
 CONFIG = ROOT / "ray_app" / "serve_config.yaml"
 
 

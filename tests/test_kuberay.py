@@ -1,10 +1,13 @@
-"""Static checks of what a user applies on Kubernetes: kuberay/*.yaml, docker/Dockerfile and .dockerignore.
+"""Static checks of what a user applies on Kubernetes: kuberay/*/*.yaml, docker/Dockerfile and .dockerignore.
 
-1. strict schema validation: RayJob/RayService (and their RayCluster parts) against the KubeRay v1.7.0 CRDs,
-   unknown fields rejected as `kubeconform -strict` does; core objects against Kubernetes' own schemas;
-2. KubeRay's own rules that a schema cannot express (the operator's validation.go);
-3. consistency with the code: volume, model directory, Serve config, versions, image contents;
-4. `kubectl kustomize kuberay/` renders what a user applies.
+1. strict schema validation: RayJob/RayService/RayCronJob (and their RayCluster parts) against the KubeRay
+   v1.7.0 CRDs, unknown fields rejected as `kubeconform -strict` does; every core object (PVCs, Redis,
+   PodDisruptionBudget, NetworkPolicies, the rollback Job, pod templates) against Kubernetes' own schemas;
+2. KubeRay's own rules that a schema cannot express (the operator's validation.go), HA serving (replica
+   placement, PDB, GCS fault tolerance) and the Pod Security Standard `restricted` for every pod;
+3. consistency with the code: volume, model directory, Serve config, versions, image contents; the rollback
+   Job's own command run against a real model folder;
+4. `kubectl kustomize kuberay/<part>/` renders what a user applies, and only that part.
 
 Run: KUBERAY_CRDS_DIR=../shared/kuberay/crds pytest tests/test_kuberay.py -q
 """
@@ -15,11 +18,13 @@ import ast
 import copy
 import functools
 import importlib
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tomllib
+import zoneinfo
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +37,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.conftest import kuberay_crds_dir
+from tests.conftest import kuberay_crds_dir, require
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "kuberay"
@@ -41,17 +46,43 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 SERVE_CONFIG = ROOT / "ray_app" / "serve_config.yaml"
 PYPROJECT = ROOT / "pyproject.toml"
 CONSTRAINTS = ROOT / "constraints.txt"
+# Single-document manifests, by kind.
 MANIFESTS = {
-    "PersistentVolumeClaim": KUBERAY / "pvc.yaml",
-    "RayJob": KUBERAY / "ray-job.mnist-train.yaml",
-    "RayService": KUBERAY / "ray-service.mnist.yaml",
-    "NetworkPolicy": KUBERAY / "networkpolicy.yaml",
+    "PersistentVolumeClaim": KUBERAY / "volume" / "pvc.yaml",
+    "RayJob": KUBERAY / "training" / "ray-job.mnist-train.yaml",
+    "RayService": KUBERAY / "serving" / "ray-service.mnist.yaml",
+    "PodDisruptionBudget": KUBERAY / "serving" / "pdb.yaml",
+    "Secret": KUBERAY / "serving" / "redis-secret.yaml",
+    "RayCronJob": KUBERAY / "retrain" / "raycronjob.mnist-retrain.yaml",
+    "Job": KUBERAY / "rollback" / "job.mnist-rollback.yaml",
 }
+# Multi-document manifests: their objects are keyed "Kind/name".
+MULTI_MANIFESTS = [KUBERAY / "serving" / "redis.yaml", KUBERAY / "serving" / "networkpolicy.yaml"]
+NOT_MANIFESTS = {"kustomization.yaml", "operator-values.yaml"}  # kustomize and Helm inputs
+# What each kustomization renders, as (kind, name); serving and the schedule never create a RayJob.
+KUSTOMIZATIONS = {
+    "volume": {("PersistentVolumeClaim", "mnist-model")},
+    "training": {("RayJob", "rayjob-mnist-train")},
+    "serving": {
+        ("PersistentVolumeClaim", "mnist-redis-data"),
+        ("Deployment", "mnist-redis"),
+        ("Service", "mnist-redis"),
+        ("RayService", "rayservice-mnist"),
+        ("PodDisruptionBudget", "mnist-serve-workers"),
+        ("NetworkPolicy", "mnist-serving"),
+        ("NetworkPolicy", "mnist-redis"),
+    },
+    "retrain": {("RayCronJob", "mnist-retrain")},
+    "rollback": {("Job", "mnist-rollback")},
+}
+IMAGE_COMPONENT = KUBERAY / "image" / "kustomization.yaml"
 CRD_FILES = {
     "RayJob": "ray.io_rayjobs.yaml",
     "RayService": "ray.io_rayservices.yaml",
     "RayCluster": "ray.io_rayclusters.yaml",
+    "RayCronJob": "ray.io_raycronjobs.yaml",
 }
+RAY_KINDS = ["RayJob", "RayService", "RayCronJob"]
 # Oldest Kubernetes minor the manifests are meant for, and the newest schema kubernetes-validate ships.
 K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 SERVE_PORT = 8000
@@ -60,6 +91,9 @@ DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 GO_DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
 RESOURCE_START_PARAMS = {"num-cpus", "num-gpus", "memory", "resources"}
 UID, GID = 1000, 100
+# A node of the README's example cluster (GKE e2-standard-4: 3.92 CPUs and about 13 GiB allocatable), less
+# what GKE's own DaemonSets request; every pod must fit one.
+EXAMPLE_NODE = {"cpu": 3.4, "memory": 12 * 2**30}
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -78,12 +112,28 @@ def required_file(path: Path) -> str:
     return path.read_text()
 
 
-@pytest.fixture(scope="module")
-def manifests() -> dict[str, dict[str, Any]]:
-    """Every manifest in kuberay/, by kind."""
+def load_manifests() -> dict[str, dict[str, Any]]:
+    """Every manifest in kuberay/: single documents by kind, those of multi-document files by "Kind/name"."""
     docs = {kind: load_yaml(path) for kind, path in MANIFESTS.items()}
     assert {kind: doc["kind"] for kind, doc in docs.items()} == {kind: kind for kind in docs}
+    for path in MULTI_MANIFESTS:
+        for doc in yaml.safe_load_all(path.read_text()):
+            key = f"{doc['kind']}/{doc['metadata']['name']}"
+            assert key not in docs, key
+            docs[key] = doc
     return docs
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, dict[str, Any]]:
+    """Every manifest in kuberay/ (see load_manifests)."""
+    return load_manifests()
+
+
+def test_every_manifest_is_checked() -> None:
+    """Each YAML file under kuberay/ is a kustomize/Helm input or a manifest these tests load."""
+    files = {p for p in KUBERAY.rglob("*.yaml") if p.name not in NOT_MANIFESTS}
+    assert files == set(MANIFESTS.values()) | set(MULTI_MANIFESTS)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +149,9 @@ def rayservice(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
-    """The RayCluster spec embedded in a RayJob or a RayService."""
+    """The RayCluster spec embedded in a RayJob, a RayCronJob's job template or a RayService."""
+    if doc["kind"] == "RayCronJob":
+        return doc["spec"]["jobTemplate"]["rayClusterSpec"]
     return doc["spec"]["rayClusterSpec" if doc["kind"] == "RayJob" else "rayClusterConfig"]
 
 
@@ -130,6 +182,37 @@ def serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
 def cpus(container: dict[str, Any]) -> int:
     """The container's CPU limit as the whole number Ray advertises."""
     return int(container["resources"]["limits"]["cpu"])
+
+
+def ray_cpus(group: dict[str, Any]) -> int:
+    """CPUs a pod of the group advertises to Ray: ``num-cpus`` if set, else the container's CPU limit."""
+    params = group.get("rayStartParams", {})
+    return (
+        int(params["num-cpus"]) if "num-cpus" in params else cpus(group["template"]["spec"]["containers"][0])
+    )
+
+
+def quantity(value: str | int | float) -> float:
+    """A Kubernetes quantity (``500m``, ``2``, ``4Gi``, ``256Mi``) as a number."""
+    text = str(value)
+    for suffix, factor in (("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30), ("Ti", 2**40), ("m", 1e-3)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def pod_specs(manifests: dict[str, dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, pod spec) of every pod the manifests create: Ray pods, the submitter, Redis, the rollback Job."""
+    for kind in RAY_KINDS:
+        for name, group in groups(manifests[kind]):
+            yield f"{kind}/{name}", group["template"]["spec"]
+    yield "RayJob/submitter", manifests["RayJob"]["spec"]["submitterPodTemplate"]["spec"]
+    yield (
+        "RayCronJob/submitter",
+        manifests["RayCronJob"]["spec"]["jobTemplate"]["submitterPodTemplate"]["spec"],
+    )
+    yield "Deployment/mnist-redis", manifests["Deployment/mnist-redis"]["spec"]["template"]["spec"]
+    yield "Job/mnist-rollback", manifests["Job"]["spec"]["template"]["spec"]
 
 
 def ray_pin() -> str:
@@ -239,28 +322,40 @@ def schema_errors(validator: Any, instance: dict[str, Any]) -> list[str]:
 def core_objects(manifests: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """Core Kubernetes objects in the manifests, including those embedded in the Ray resources."""
     svc = manifests["RayService"]["spec"]["serveService"]
-    objects = [
-        ("pvc", manifests["PersistentVolumeClaim"]),
-        ("networkpolicy", manifests["NetworkPolicy"]),
+    objects = [(key, doc) for key, doc in manifests.items() if doc["kind"] not in CRD_FILES]
+    objects.append(
         (
             "serveService",
             {"apiVersion": "v1", "kind": "Service", **svc, "metadata": {"name": "x", **svc["metadata"]}},
-        ),
-    ]
-    for kind in ("RayJob", "RayService"):
+        )
+    )
+    pod_template = {"apiVersion": "v1", "kind": "PodTemplate"}
+    for kind in RAY_KINDS:
         for name, group in groups(manifests[kind]):
-            pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}}
-            objects.append((f"{kind}/{name}", {**pod_template, "template": group["template"]}))
+            objects.append(
+                (
+                    f"{kind}/{name}",
+                    {**pod_template, "metadata": {"name": name}, "template": group["template"]},
+                )
+            )
+    for kind, spec in (
+        ("RayJob", manifests["RayJob"]["spec"]),
+        ("RayCronJob", manifests["RayCronJob"]["spec"]["jobTemplate"]),
+    ):
+        template = spec["submitterPodTemplate"]
+        objects.append(
+            (f"{kind}/submitter", {**pod_template, "metadata": {"name": "submitter"}, "template": template})
+        )
     return objects
 
 
-@pytest.mark.parametrize("kind", ["RayJob", "RayService"])
+@pytest.mark.parametrize("kind", RAY_KINDS)
 def test_ray_resource_matches_crd_strictly(manifests: dict[str, dict[str, Any]], kind: str) -> None:
     """The whole object, pod templates and serveService included, against the v1.7.0 CRD; no unknown field."""
     assert schema_errors(crd_validator(kind), manifests[kind]) == []
 
 
-@pytest.mark.parametrize("kind", ["RayJob", "RayService"])
+@pytest.mark.parametrize("kind", RAY_KINDS)
 def test_embedded_cluster_matches_raycluster_crd(manifests: dict[str, dict[str, Any]], kind: str) -> None:
     """The embedded cluster is also a valid RayCluster spec (what the operator creates from it)."""
     assert schema_errors(crd_validator("RayCluster", "spec"), cluster_spec(manifests[kind])) == []
@@ -268,7 +363,8 @@ def test_embedded_cluster_matches_raycluster_crd(manifests: dict[str, dict[str, 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_core_objects_match_kubernetes_schema(manifests: dict[str, dict[str, Any]], version: str) -> None:
-    """PVC, NetworkPolicy, the serve Service and every pod template against Kubernetes' schemas, strictly."""
+    """PVCs, Redis, PDB, NetworkPolicies, Secret, the rollback Job, the serve Service and every pod template
+    (submitters included) against Kubernetes' schemas, strictly."""
     errors = []
     for name, obj in core_objects(manifests):
         try:
@@ -325,16 +421,43 @@ MUTATIONS = {
     ),
     "wrong type": ("RayService", put(["spec", "rayClusterConfig", "workerGroupSpecs", 0, "replicas"], "1")),
     "PVC field": ("PersistentVolumeClaim", rename(["spec", "accessModes"], "accessMode")),
-    "NetworkPolicy field": ("NetworkPolicy", rename(["spec", "podSelector"], "podSelecter")),
+    "NetworkPolicy field": ("NetworkPolicy/mnist-serving", rename(["spec", "podSelector"], "podSelecter")),
+    "RayService HA field": (
+        "RayService",
+        rename(["spec", "excludeHeadPodFromServeSvc"], "excludeHeadPodFromServeSVC"),
+    ),
+    "GCS FT field": (
+        "RayService",
+        rename(["spec", "rayClusterConfig", "gcsFaultToleranceOptions", "redisAddress"], "redisAddr"),
+    ),
+    "submitter pod field": (
+        "RayJob",
+        rename(["spec", "submitterPodTemplate", "spec", "restartPolicy"], "restart"),
+    ),
+    "RayCronJob field": ("RayCronJob", rename(["spec", "schedule"], "cron")),
+    "RayCronJob jobTemplate field": (
+        "RayCronJob",
+        rename(["spec", "jobTemplate", "entrypoint"], "entryPoint"),
+    ),
+    "PDB field": ("PodDisruptionBudget", rename(["spec", "minAvailable"], "minAvailible")),
+    "PDB wrong type": ("PodDisruptionBudget", put(["spec", "unhealthyPodEvictionPolicy"], 1)),
+    "Redis Deployment field": (
+        "Deployment/mnist-redis",
+        rename(["spec", "template", "spec", "containers"], "container"),
+    ),
+    "Redis Service field": ("Service/mnist-redis", rename(["spec", "ports", 0, "targetPort"], "target")),
+    "Secret field": ("Secret", rename(["stringData"], "stringdata")),
+    "rollback Job field": ("Job", rename(["spec", "template", "spec", "restartPolicy"], "restartpolicy")),
 }
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS)
 def test_typo_is_rejected(manifests: dict[str, dict[str, Any]], mutation: str) -> None:
     """The validation above is not vacuous: a misspelled field or a wrong type anywhere fails it."""
-    kind, mutate = MUTATIONS[mutation]
-    doc = copy.deepcopy(manifests[kind])
+    key, mutate = MUTATIONS[mutation]
+    doc = copy.deepcopy(manifests[key])
     mutate(doc)
+    kind = doc["kind"]
     if kind in CRD_FILES:
         assert schema_errors(crd_validator(kind), doc) != []
     else:
@@ -364,13 +487,60 @@ def test_ttl_only_with_shutdown(rayjob: dict[str, Any]) -> None:
     assert "deletionStrategy" not in spec and not spec.get("suspend", False)
 
 
-def test_rayjob_deadlines_and_retries(rayjob: dict[str, Any]) -> None:
-    """Deadlines that fail a stuck job, a bounded number of retries, the default submitter."""
+def test_rayjob_deadlines_and_no_whole_cluster_retry(rayjob: dict[str, Any]) -> None:
+    """Deadlines that fail a stuck job; no RayJob-level retry (it would rerun a failed gate on a new cluster
+    and delete the first attempt's logs); K8sJobMode with a submitter pod of our own."""
     spec = rayjob["spec"]
     assert spec["activeDeadlineSeconds"] > 0
     assert 1 <= spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
-    assert spec["backoffLimit"] >= 0
+    assert spec["backoffLimit"] == 0
     assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode" and "clusterSelector" not in spec
+    assert "MAX_FAILURES" not in job_env(rayjob) or int(job_env(rayjob)["MAX_FAILURES"]) > 0
+
+
+def test_submitter_pod_like_the_ray_pods(rayjob: dict[str, Any]) -> None:
+    """submitterPodTemplate replaces KubeRay's default wholesale: the head's image, Never restarts, resources,
+    and the Ray pods' securityContext (the default submitter has none)."""
+    pod = rayjob["spec"]["submitterPodTemplate"]["spec"]
+    head = cluster_spec(rayjob)["headGroupSpec"]["template"]["spec"]
+    submitter = pod["containers"][0]
+    assert pod["restartPolicy"] == "Never"
+    assert submitter["image"] == head["containers"][0]["image"]
+    assert "command" not in submitter and "args" not in submitter  # the operator fills them in
+    assert {"cpu", "memory"} <= submitter["resources"]["limits"].keys()
+    assert {"cpu", "memory"} <= submitter["resources"]["requests"].keys()
+    assert submitter["securityContext"] == head["containers"][0]["securityContext"]
+    shared = {k: v for k, v in head["securityContext"].items() if not k.startswith("fsGroup")}
+    assert pod["securityContext"] == shared
+
+
+def test_retrain_schedule_runs_the_training_job(manifests: dict[str, dict[str, Any]]) -> None:
+    """The RayCronJob: the training RayJob's spec verbatim, shipped suspended, a valid schedule and zone,
+    a name the operator accepts (≤ 36 characters, it appends the run's minute)."""
+    cron = manifests["RayCronJob"]
+    spec = cron["spec"]
+    assert spec["jobTemplate"] == manifests["RayJob"]["spec"]
+    assert spec["suspend"] is True
+    name = cron["metadata"]["name"]
+    assert len(name) <= 36 and DNS_1035.match(name), name
+    fields = spec["schedule"].split()
+    assert len(fields) == 5 and not spec["schedule"].startswith(("TZ=", "CRON_TZ=")), spec["schedule"]
+    assert all(re.fullmatch(r"[0-9*/,-]+", f) for f in fields), spec["schedule"]
+    assert spec["timeZone"] in zoneinfo.available_timezones()
+    # Each run ends within its deadline, well before the next tick (the operator has no concurrency policy).
+    assert fields[2:] == ["*", "*", fields[4]] and fields[4] != "*", "expected a weekly schedule"
+    assert spec["jobTemplate"]["activeDeadlineSeconds"] < 24 * 3600
+
+
+def test_retrain_switch_on_command(manifests: dict[str, dict[str, Any]]) -> None:
+    """The documented `sed "s/suspend: true/suspend: false/"` touches exactly the RayCronJob's own field."""
+    text = MANIFESTS["RayCronJob"].read_text()
+    assert 'sed "s/suspend: true/suspend: false/"' in text
+    body = text[text.index("apiVersion:") :]
+    assert body.count("suspend: true") == 1
+    switched = yaml.safe_load(body.replace("suspend: true", "suspend: false"))
+    assert switched["spec"]["suspend"] is False
+    assert {**switched["spec"], "suspend": True} == manifests["RayCronJob"]["spec"]
 
 
 @pytest.mark.parametrize("kind", ["RayJob", "RayService"])
@@ -478,13 +648,178 @@ def test_dashboard_and_gcs_never_on_the_load_balancer(rayservice: dict[str, Any]
 def test_pods_run_as_non_root(manifests: dict[str, dict[str, Any]], kind: str) -> None:
     """uid 1000/gid 100 like the image's `ray` user; fsGroup 100 so it can write the volume; no escalation."""
     for name, group in groups(manifests[kind]):
-        pod = group["template"]["spec"]
-        context = pod["securityContext"]
-        assert context["runAsNonRoot"] is True, name
+        context = group["template"]["spec"]["securityContext"]
         assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (UID, GID, GID), name
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard(manifests: dict[str, dict[str, Any]]) -> None:
+    """Ray pods, submitters, Redis and the rollback Job pass a namespace enforcing `restricted`: non-root,
+    RuntimeDefault seccomp, no privilege escalation, every capability dropped, no host namespaces/paths."""
+    names = []
+    for name, pod in pod_specs(manifests):
+        names.append(name)
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context.get("runAsUser", 1) != 0, name
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert not {"hostNetwork", "hostPID", "hostIPC"} & pod.keys(), name
+        assert not [v for v in pod.get("volumes", []) if "hostPath" in v], name
+        for container in pod["containers"] + pod.get("initContainers", []):
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False, name
+            assert security["capabilities"] == {"drop": ["ALL"]}, name
+            assert not security.get("privileged") and "runAsUser" not in security, name
+    assert len(names) >= 9
+
+
+def test_every_pod_fits_a_node_of_the_example_cluster(manifests: dict[str, dict[str, Any]]) -> None:
+    """Requests and limits of every container set, and each pod's requests fit one e2-standard-4 node."""
+    for name, pod in pod_specs(manifests):
+        requested = {"cpu": 0.0, "memory": 0.0}
         for container in pod["containers"]:
-            assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
-            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], name
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= resources["requests"].keys() <= resources["limits"].keys(), name
+            for key in requested:
+                requested[key] += quantity(resources["requests"][key])
+                assert quantity(resources["requests"][key]) <= quantity(resources["limits"][key]), name
+        assert all(requested[key] <= EXAMPLE_NODE[key] for key in requested), (name, requested)
+
+
+# ------------------------------------------------------------------------------------- HA serving
+
+
+def serve_worker_group(rayservice: dict[str, Any]) -> dict[str, Any]:
+    """The RayService's one worker group (where the replicas run)."""
+    (group,) = cluster_spec(rayservice)["workerGroupSpecs"]
+    return group
+
+
+def place_replicas(pod_cpus: list[float], replicas: list[float]) -> list[list[int]]:
+    """Where Ray can put each replica: every pod (index) with room for it after the earlier ones were placed
+    anywhere. Returns, per replica, the pods it may land on; a replica with no room gets []. Placement is
+    first-fit here, but the check below makes the answer independent of Ray's strategy: a pod whose free CPUs
+    never hold two replicas can host at most one, whichever pods Ray prefers."""
+    free = list(pod_cpus)
+    options = []
+    for need in replicas:
+        fits = [i for i, cpus_left in enumerate(free) if cpus_left + 1e-9 >= need]
+        options.append(fits)
+        if fits:
+            free[fits[0]] -= need
+    return options
+
+
+def test_replicas_land_on_distinct_serve_pods(rayservice: dict[str, Any]) -> None:
+    """With the manifest's sizes every serve pod holds at most one replica (its Ray CPUs < two replicas'),
+    the head none (num-cpus 0), and the pods that exist from the start (minReplicas) hold all replicas: the
+    two replicas are on two pods, whatever placement Ray chooses. The Serve config itself stays the one
+    `serve run` uses on a single node (no per-node placement keys)."""
+    cluster = cluster_spec(rayservice)
+    group = serve_worker_group(rayservice)
+    head_cpus = ray_cpus(cluster["headGroupSpec"])
+    worker_cpus = ray_cpus(group)
+    config = serve_config(rayservice)
+    replicas = []
+    for app in config["applications"]:
+        for deployment in app["deployments"]:
+            per_replica = deployment.get("ray_actor_options", {}).get("num_cpus", 1)
+            assert "autoscaling_config" not in deployment and "max_replicas_per_node" not in deployment
+            replicas += [per_replica] * deployment["num_replicas"]
+            assert head_cpus < per_replica, "a replica fits the head"
+            assert per_replica <= worker_cpus < 2 * per_replica, "a serve pod fits zero or two replicas"
+    assert len(replicas) >= 2, "one replica cannot survive losing its pod"
+    pods = [head_cpus] + [worker_cpus] * group["minReplicas"]
+    options = place_replicas(pods, replicas)
+    assert all(options), f"replicas without room on the {group['minReplicas']} serve pods: {options}"
+    chosen = [fits[0] for fits in options]
+    assert 0 not in chosen and len(set(chosen)) == len(chosen), chosen
+
+
+def test_placement_check_is_not_vacuous() -> None:
+    """The same check sees two replicas on one pod when the pod advertises two CPUs (the old sizes)."""
+    options = place_replicas([0, 2, 2], [1, 1])
+    assert [fits[0] for fits in options] == [1, 1]
+
+
+def test_serve_workers_spread_over_nodes_and_guarded_by_the_pdb(manifests: dict[str, dict[str, Any]]) -> None:
+    """Serve workers of one cluster on different nodes; the PDB selects exactly them with an integer
+    minAvailable (Ray pods have no scale subresource) and lets NotReady replica-less workers go."""
+    group = serve_worker_group(manifests["RayService"])
+    labels = group["template"]["metadata"]["labels"]
+    (spread,) = group["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["maxSkew"] == 1
+    assert spread["whenUnsatisfiable"] == "DoNotSchedule"
+    assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
+    assert spread["matchLabelKeys"] == ["ray.io/cluster"]
+    pdb = manifests["PodDisruptionBudget"]["spec"]
+    selector = pdb["selector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    head_labels = cluster_spec(manifests["RayService"])["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert not selector.items() <= head_labels.items()
+    assert not any(
+        selector.items() <= g["template"]["metadata"]["labels"].items()
+        for _, g in groups(manifests["RayJob"])
+    )
+    assert "ray.io/cluster" not in selector  # changes with every cluster the RayService creates
+    assert isinstance(pdb["minAvailable"], int) and "maxUnavailable" not in pdb
+    assert 1 <= pdb["minAvailable"] < group["minReplicas"]
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_head_is_no_serve_endpoint(rayservice: dict[str, Any]) -> None:
+    assert rayservice["spec"]["excludeHeadPodFromServeSvc"] is True
+
+
+def test_gcs_fault_tolerance_uses_the_shipped_redis(manifests: dict[str, dict[str, Any]]) -> None:
+    """gcsFaultToleranceOptions points at the Redis Service and password Secret in kuberay/serving/; the
+    variables the operator injects are not set by hand (validation.go rejects that); the storage namespace
+    is left to the operator (a fixed one would be shared by the two clusters of an upgrade)."""
+    cluster = cluster_spec(manifests["RayService"])
+    options = cluster["gcsFaultToleranceOptions"]
+    service, deployment = manifests["Service/mnist-redis"], manifests["Deployment/mnist-redis"]
+    host, port = options["redisAddress"].rsplit(":", 1)
+    assert host == service["metadata"]["name"] and int(port) == service["spec"]["ports"][0]["port"]
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    secret = manifests["Secret"]
+    ref = options["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    (redis,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in redis["env"]}["REDIS_PASSWORD"] == ref
+    assert "$(REDIS_PASSWORD)" in redis["args"] and "--requirepass" in redis["args"]
+    assert "backend" not in options and "externalStorageNamespace" not in options
+    assert "ray.io/ft-enabled" not in manifests["RayService"]["metadata"].get("annotations", {})
+    for name, container in ray_containers(manifests["RayService"]):
+        env = {e["name"] for e in container.get("env", [])}
+        assert not env & {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD", "RAY_external_storage_namespace"}, name
+        assert "redis-password" not in cluster["headGroupSpec"]["rayStartParams"]
+
+
+def test_redis_is_pinned_and_keeps_its_data(manifests: dict[str, dict[str, Any]]) -> None:
+    """A pinned image, append-only file on its own claim, one pod at a time (Recreate, RWO)."""
+    deployment = manifests["Deployment/mnist-redis"]["spec"]
+    (redis,) = deployment["template"]["spec"]["containers"]
+    name, _, tag = redis["image"].partition(":")
+    assert name == "redis" and re.fullmatch(r"\d+\.\d+\.\d+", tag), redis["image"]
+    assert deployment["replicas"] == 1 and deployment["strategy"]["type"] == "Recreate"
+    args = redis["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    data_dir = args[args.index("--dir") + 1]
+    (mount,) = redis["volumeMounts"]
+    assert mount["mountPath"] == data_dir
+    (volume,) = deployment["template"]["spec"]["volumes"]
+    claim = manifests["PersistentVolumeClaim/mnist-redis-data"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+def test_redis_password_secret_is_created_once_with_a_random_password() -> None:
+    """The Secret is not in any kustomization (re-applying never rotates it); its header's command replaces
+    the placeholder, which occurs once."""
+    text = MANIFESTS["Secret"].read_text()
+    (placeholder,) = set(re.findall(r"REPLACE_WITH_[A-Z_]+", text))
+    command = next(line for line in text.splitlines() if "kubectl create -f -" in line)
+    assert f'sed "s/{placeholder}/$(openssl rand -hex 24)/" kuberay/serving/redis-secret.yaml' in command
+    assert text[text.index("apiVersion:") :].count(placeholder) == 1
+    for path in KUBERAY.glob("*/kustomization.yaml"):
+        assert MANIFESTS["Secret"].name not in load_yaml(path).get("resources", []), path
 
 
 # ------------------------------------------------------------------------------------ 3. consistency
@@ -622,8 +957,8 @@ def test_serve_replicas_fit_worker_group(rayservice: dict[str, Any]) -> None:
 
 
 def test_networkpolicy_selects_serving_pods(manifests: dict[str, dict[str, Any]]) -> None:
-    """The example policy selects exactly the RayService's pods and keeps Serve's port open."""
-    policy = manifests["NetworkPolicy"]["spec"]
+    """The serving policy selects exactly the RayService's pods and keeps Serve's port open."""
+    policy = manifests["NetworkPolicy/mnist-serving"]["spec"]
     selector = policy["podSelector"]["matchLabels"]
 
     def selected(kind: str) -> list[bool]:
@@ -646,22 +981,78 @@ def test_networkpolicy_selects_serving_pods(manifests: dict[str, dict[str, Any]]
     )
 
 
+def test_redis_reachable_only_from_serving_pods(manifests: dict[str, dict[str, Any]]) -> None:
+    """mnist-redis selects the Redis pod and admits only the RayService's pods (head, cleanup Job) on 6379."""
+    policy = manifests["NetworkPolicy/mnist-redis"]["spec"]
+    redis_labels = manifests["Deployment/mnist-redis"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    (rule,) = policy["ingress"]
+    (peer,) = rule["from"]
+    head_labels = cluster_spec(manifests["RayService"])["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert peer["podSelector"]["matchLabels"].items() <= head_labels.items()
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+
+
 def kustomize_image() -> dict[str, str]:
-    """The single `images:` entry of kuberay/kustomization.yaml."""
-    (image,) = load_yaml(KUBERAY / "kustomization.yaml")["images"]
+    """The single `images:` entry of the image Component (kuberay/image/kustomization.yaml)."""
+    component = load_yaml(IMAGE_COMPONENT)
+    assert component["kind"] == "Component"
+    (image,) = component["images"]
     return image
 
 
 def test_one_image_everywhere(manifests: dict[str, dict[str, Any]]) -> None:
-    """Head, workers (and so the submitter) of both resources use the one image that kustomize rewrites."""
+    """Ray pods, submitters and the rollback Job use the one image that the image Component rewrites."""
     images = {
         c["image"]
-        for kind in ("RayJob", "RayService")
-        for _, g in groups(manifests[kind])
-        for c in g["template"]["spec"]["containers"]
+        for name, pod in pod_specs(manifests)
+        if not name.startswith("Deployment/mnist-redis")
+        for c in pod["containers"]
     }
     assert len(images) == 1
     assert images.pop().split(":")[0] == kustomize_image()["name"]
+
+
+def test_rollback_job_command_rolls_back_a_real_model_folder(
+    manifests: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The Job's own command, with the version filled in as its header shows, makes a stored version current
+    in a real model folder; the unfilled placeholder fails without touching it."""
+    from ray_app.model import load_artifact, save_artifact
+    from tests.test_model import META, Net
+
+    job = manifests["Job"]["spec"]
+    assert job["backoffLimit"] == 0 and job["template"]["spec"]["restartPolicy"] == "Never"
+    (container,) = job["template"]["spec"]["containers"]
+    (volume,) = job["template"]["spec"]["volumes"]
+    (mount,) = container["volumeMounts"]
+    assert (
+        volume["persistentVolumeClaim"]["claimName"] == manifests["PersistentVolumeClaim"]["metadata"]["name"]
+    )
+    assert mount["mountPath"] == model_dir() and not mount.get("readOnly")
+    assert not volume["persistentVolumeClaim"].get("readOnly")
+    versions = [save_artifact(tmp_path, Net().state_dict(), META) for _ in range(2)]
+    assert versions[0] != versions[1]
+
+    def run(version: str) -> subprocess.CompletedProcess:
+        command = [arg.replace(mount["mountPath"], str(tmp_path)) for arg in container["command"]]
+        command = [arg.replace("ROLLBACK_VERSION", version) for arg in command]
+        assert command[0] == "python"
+        return subprocess.run(
+            [sys.executable, *command[1:]], capture_output=True, text=True, timeout=120, cwd=ROOT
+        )
+
+    untouched = run("ROLLBACK_VERSION")
+    assert untouched.returncode == 1 and "invalid model version 'ROLLBACK_VERSION'" in untouched.stderr
+    assert load_artifact(tmp_path).meta["version"] == versions[1]
+    done = run(versions[0])
+    assert done.returncode == 0, done.stderr
+    assert load_artifact(tmp_path).meta["version"] == versions[0]
+    header = MANIFESTS["Job"].read_text()
+    assert (
+        'kubectl kustomize kuberay/rollback/ | sed "s/ROLLBACK_VERSION/$VERSION/" | kubectl create -f -'
+        in header
+    )
 
 
 # Dockerfile
@@ -770,7 +1161,7 @@ def test_build_context() -> None:
         "samples/zero.png",
         ".venv/bin/python",
         ".git/HEAD",
-        "kuberay/pvc.yaml",
+        "kuberay/volume/pvc.yaml",
         "ray_app/__pycache__/model.cpython-311.pyc",
     ):
         assert not dockerignore_allows(excluded), excluded
@@ -856,25 +1247,86 @@ def test_image_installs_everything_the_code_imports() -> None:
 # ------------------------------------------------------------------------------------- 4. kustomize
 
 
-def test_kustomize_renders(manifests: dict[str, dict[str, Any]]) -> None:
-    """`kubectl kustomize kuberay/` renders the PVC, RayJob and RayService with the image set in `images:`."""
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """``kubectl kustomize <directory>`` (kubectl's built-in kustomize, as the README uses it), parsed."""
     kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed")
+    require(kubectl is not None, "kubectl is not installed")
     rendered = subprocess.run(
-        [kubectl, "kustomize", str(KUBERAY)], capture_output=True, text=True, timeout=60
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
     )
     assert rendered.returncode == 0, rendered.stderr
-    docs = {doc["kind"]: doc for doc in yaml.safe_load_all(rendered.stdout)}
-    assert sorted(docs) == ["PersistentVolumeClaim", "RayJob", "RayService"]
+    return list(yaml.safe_load_all(rendered.stdout))
+
+
+def source_docs() -> dict[tuple[str, str], dict[str, Any]]:
+    """Every manifest by (kind, name)."""
+    return {(doc["kind"], doc["metadata"]["name"]): doc for doc in load_manifests().values()}
+
+
+def with_image(doc: dict[str, Any], image: str) -> dict[str, Any]:
+    """``doc`` with every `ray-mnist` container image replaced by ``image`` (what the Component does)."""
+    name = kustomize_image()["name"]
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: image if k == "image" and str(v).split(":")[0] == name else walk(v)
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        return node
+
+    return walk(copy.deepcopy(doc))
+
+
+@pytest.mark.parametrize("part", sorted(KUSTOMIZATIONS))
+def test_kustomize_renders(part: str) -> None:
+    """`kubectl kustomize kuberay/<part>/` renders exactly that part's objects, unchanged except for the image
+    the Component sets: serving never renders a RayJob, training never a RayService."""
+    docs = kustomize(KUBERAY / part)
+    assert {(d["kind"], d["metadata"]["name"]) for d in docs} == KUSTOMIZATIONS[part]
+    assert len(docs) == len(KUSTOMIZATIONS[part])
     image = kustomize_image()
     expected_image = f"{image['newName']}:{image['newTag']}"
-    for kind, doc in docs.items():
-        source = copy.deepcopy(manifests[kind])
-        if kind != "PersistentVolumeClaim":
-            assert {c["image"] for _, c in ray_containers(doc)} == {expected_image}
-            for (_, group), (_, rendered_group) in zip(groups(source), groups(doc), strict=True):
-                group["template"]["spec"]["containers"][0]["image"] = expected_image
-                assert rendered_group == group
-        assert doc == source, f"kustomize changed {kind} beyond the image"
-    assert docs["RayService"]["spec"]["serveConfigV2"] == manifests["RayService"]["spec"]["serveConfigV2"]
+    sources = source_docs()
+    for doc in docs:
+        assert doc == with_image(sources[(doc["kind"], doc["metadata"]["name"])], expected_image), doc["kind"]
+    if part == "serving":
+        (service,) = [d for d in docs if d["kind"] == "RayService"]
+        assert service["spec"]["serveConfigV2"] == required_file(SERVE_CONFIG)
+
+
+def test_parts_are_separate() -> None:
+    """No kustomization at the top of kuberay/ (it would bundle training with serving), each part is listed."""
+    assert not (KUBERAY / "kustomization.yaml").exists()
+    assert {p.parent.name for p in KUBERAY.glob("*/kustomization.yaml")} == set(KUSTOMIZATIONS) | {"image"}
+
+
+def test_setting_the_image_as_documented(tmp_path: Path) -> None:
+    """The sed command in the image Component's header sets the image every part renders."""
+    header = IMAGE_COMPONENT.read_text()
+    lines = [
+        line.lstrip("# ").rstrip("\\ ")
+        for line in header.splitlines()
+        if "sed -i.bak" in line or "kuberay/image/kustomization.yaml &&" in line
+    ]
+    command = " ".join(lines)
+    assert command.startswith("sed -i.bak"), command
+    copy_root = tmp_path / "kuberay"
+    shutil.copytree(KUBERAY, copy_root)
+    env = {**os.environ, "REGISTRY": "registry.example/team", "TAG": "2.60.0-abc1234"}
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert not list(copy_root.rglob("*.bak"))
+    for part in KUSTOMIZATIONS:
+        images = {
+            c["image"]
+            for doc in kustomize(copy_root / part)
+            for c in re.findall(r"image: (\S+)", yaml.safe_dump(doc))
+            for c in [{"image": c}]
+        }
+        assert "registry.example/team/ray-mnist:2.60.0-abc1234" in images or part == "volume", (part, images)
+        assert not any(i.startswith("ray-mnist") for i in images), (part, images)

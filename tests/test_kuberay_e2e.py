@@ -1,14 +1,17 @@
 """Local emulation of the KubeRay operator, end to end (integration; minutes; one small cluster at a time).
 
-1. The RayJob of kuberay/ray-job.mnist-train.yaml: its RayCluster as local `ray start` nodes (head with 0
+1. The RayJob of kuberay/training/ray-job.mnist-train.yaml: its RayCluster as local `ray start` nodes (head with 0
    CPUs, the worker replicas, CPUs scaled to this machine), its own ``entrypoint`` and ``runtimeEnvYAML``
    submitted with ``ray job submit`` as KubeRay's submitter does, the model volume mapped to a temporary
    folder. It must succeed and leave model.pth + model.json on the "volume".
-2. The RayService of kuberay/ray-service.mnist.yaml: its RayCluster the same way (``MODEL_DIR`` from the
-   container env), its own ``serveConfigV2`` PUT to the dashboard's Serve REST API as the operator does; the
-   app must reach RUNNING and answer /healthz and /predict on the config's HTTP port with the trained model.
-3. That cluster restarted (head and workers, as without GCS fault tolerance) and the config PUT again: serving
-   comes back with the same model from the volume.
+2. The RayService of kuberay/serving/ray-service.mnist.yaml: its RayCluster the same way (head with 0 Ray
+   CPUs, two serve workers with the manifest's num-cpus, ``MODEL_DIR`` from the container env), its own
+   ``serveConfigV2`` PUT to the dashboard's Serve REST API as the operator does; the app must reach RUNNING,
+   put its replicas on distinct serve workers and answer /healthz and /predict on the config's HTTP port
+   with the trained model.
+3. That cluster restarted (head and workers) and the config PUT again: serving comes back with the same
+   model from the volume. This is the worst case, a head loss without GCS fault tolerance: the emulation runs
+   no Redis (the operator's gcsFaultToleranceOptions and env injection are not emulated).
 
 Both clusters use token authentication like the manifests: a fresh token per cluster, given to every process
 as the operator does (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``), so ``~/.ray/auth_token`` plays no part.
@@ -199,6 +202,25 @@ def test_rayservice_serves_the_trained_model(serving: Serving, volume: Path) -> 
         assert len(body["probs"]) == 10 and abs(sum(body["probs"]) - 1) < 1e-3, name
     predicted = {name: body["prediction"] for name, (_, body) in results.items()}
     assert predicted == {path.name: digit for path, digit in samples}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_replicas_run_on_distinct_serve_workers(serving: Serving) -> None:
+    """The manifest's pod sizes put one replica on each serve worker and none on the head."""
+    cluster = serving.cluster
+    apps = httpx.get(
+        f"{cluster.dashboard_url}/api/serve/applications/", headers=cluster.headers, timeout=30
+    ).json()["applications"]
+    nodes = httpx.get(f"{cluster.dashboard_url}/api/v0/nodes", headers=cluster.headers, timeout=30).json()
+    head_ids = {n["node_id"] for n in nodes["data"]["result"]["result"] if n["is_head_node"]}
+    for app in serving.config["applications"]:
+        for deployment in app["deployments"]:
+            replicas = apps[app["name"]]["deployments"][deployment["name"]]["replicas"]
+            node_ids = [r["node_id"] for r in replicas if r["state"] == "RUNNING"]
+            assert len(node_ids) == deployment["num_replicas"], replicas
+            assert len(set(node_ids)) == len(node_ids), f"replicas share a node: {node_ids}"
+            assert not set(node_ids) & head_ids, "a replica runs on the head"
 
 
 @pytest.mark.integration
