@@ -1,13 +1,17 @@
 """Uploaded image bytes → a 28×28 MNIST-style digit: white ink on black, 20×20 box, centred by centre of mass.
 
-Usage: ``x = preprocess(data, mean, std)`` with ``mean``/``std`` from ``model.json``; ``to_mnist(data)`` returns the
-uint8 image the model sees. Anything unusable raises :class:`InputError`, which carries an HTTP status and a message.
+Usage: ``to_mnist(data, limits)`` returns the uint8 28×28 image the model sees (serving calls this, then normalises
+with ``model.json``'s constants); ``preprocess(data, mean, std)`` does both for one image. Anything unusable raises
+:class:`InputError`, which carries an HTTP status and a message.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -54,18 +58,68 @@ class InputError(ValueError):
         self.detail = detail
 
 
+# Declared pixels (width × height) accepted per format, from what real uploads need: JPEG covers 50 MP phone
+# photos (decoded at 1/8 scale), PNG and WebP a 5K screenshot (4096² = 16.8 MP), GIF and BMP less.
+MAX_PIXELS = {"JPEG": 52_000_000, "PNG": 16_777_216, "WEBP": 16_777_216, "GIF": 4_194_304, "BMP": 16_777_216}
+
+
 @dataclass(frozen=True)
 class Limits:
     """Which uploads are accepted; checked on the body and the image header, before any pixel is decoded."""
 
     max_bytes: int = 5 * 1024 * 1024  # larger bodies → 413
-    max_pixels: int = 25_000_000  # width × height declared in the header; more → 413 (decompression bombs)
+    # Declared width × height per format (an int applies to every format); more → 413 (decompression bombs)
+    max_pixels: dict[str, int] | int = field(default_factory=lambda: dict(MAX_PIXELS))
     max_aspect: float = 20.0  # longer side / shorter side; more → 422
     min_side: int = 8  # shorter side in pixels; less → 422
+    max_decode_mib: int = (
+        128  # estimated memory one decode needs (e.g. a progressive JPEG's coefficients) → 413
+    )
+    max_jpeg_scans: int = (
+        64  # scans in a JPEG (encoders write at most ~20; each costs a pass over the image) → 422
+    )
+    max_segments: int = (
+        512  # JPEG header segments, PNG chunks other than IDAT, GIF blocks before the image → 422
+    )
+    max_png_chunks: int = 8192  # all PNG chunks, IDAT included (an 8 KiB-chunked 5 MiB PNG has 640) → 422
+    max_fill_bytes: int = 64  # 0xFF fill bytes before a JPEG marker → 422
+    max_rle_pixels: int = 65536  # BMP RLE4/RLE8 (Pillow decodes them pixel by pixel in Python) → 413
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1 or self.max_pixels < 1 or self.min_side < 1 or self.max_aspect < 1:
+        pixels = self.max_pixels
+        if isinstance(pixels, int):
+            pixels = dict.fromkeys(FORMATS, pixels)
+        if not isinstance(pixels, dict) or not set(pixels) <= set(FORMATS):
+            raise ValueError(f"invalid limits: max_pixels keys must be among {list(FORMATS)}: {pixels}")
+        object.__setattr__(self, "max_pixels", {**MAX_PIXELS, **{k.upper(): v for k, v in pixels.items()}})
+        counts = (self.max_decode_mib, self.max_jpeg_scans, self.max_segments, self.max_png_chunks)
+        if (
+            self.max_bytes < 1
+            or self.min_side < 1
+            or self.max_aspect < 1
+            or min(self.max_pixels.values()) < 1
+            or min(counts) < 1
+            or self.max_fill_bytes < 0
+            or self.max_rle_pixels < 1
+        ):
             raise ValueError(f"invalid limits: {self}")
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an upload declares, read without decoding pixels: format, size and the cost of decoding it."""
+
+    format: str  # one of FORMATS
+    width: int
+    height: int
+    decode_bytes: int  # estimated peak memory of the decode
+    python_work: bool = False  # Pillow decodes it pixel by pixel in Python (BMP RLE): never on the event loop
+    draft_scale: int = 1  # JPEG: decoded at 1/draft_scale (DCT scaling)
+
+    @property
+    def pixels(self) -> int:
+        """Declared width × height."""
+        return self.width * self.height
 
 
 def preprocess(data: bytes, mean: float, std: float, limits: Limits = Limits()) -> np.ndarray:
@@ -74,14 +128,15 @@ def preprocess(data: bytes, mean: float, std: float, limits: Limits = Limits()) 
     return (x - np.float32(mean)) / np.float32(std)
 
 
-def to_mnist(data: bytes, limits: Limits = Limits()) -> np.ndarray:
-    """Upload bytes → the uint8 (28, 28) MNIST-style image the model sees.
+def to_mnist(data: bytes, limits: Limits = Limits(), header: Header | None = None) -> np.ndarray:
+    """Upload bytes → the uint8 (28, 28) MNIST-style image the model sees (``header``: ``inspect``'s answer).
 
     Raises:
-        InputError: 413 (too many bytes or pixels), 415 (not an image in a supported format) or 422 (corrupt,
-            truncated, too small, absurd aspect ratio, no digit found).
+        InputError: 413 (too many bytes, pixels or decode memory), 415 (not an image in a supported format) or
+            422 (corrupt, truncated, malformed structure, too small, absurd aspect ratio, no digit found).
     """
-    gray = _decode(_open(data, limits))
+    header = header or inspect(data, limits)
+    gray = _decode(_open(data, header), header)
     if _in_mnist_format(gray):
         return gray
     return _place(_fit(_stroke(_crop(_ink(gray)))))
@@ -102,28 +157,35 @@ def _in_mnist_format(gray: np.ndarray) -> bool:
     return abs(row - CENTRE) <= 1 and abs(col - CENTRE) <= 1
 
 
-def _open(data: bytes, limits: Limits) -> Image.Image:
-    """Identify the image from its header alone and check the declared size against ``limits``."""
+# Header inspection: the file's structure is walked with bounded work before Pillow's own (Python) parsers see it
+def inspect(data: bytes, limits: Limits = Limits()) -> Header:
+    """Identify the upload and check what it declares against ``limits``, without decoding any pixel.
+
+    The cost is bounded by the limits' segment and chunk counts, not by the upload: files built to make Pillow's
+    header parsers or decoders loop (fill bytes, empty segments, thousands of scans or chunks) are refused here.
+    """
     if not data:
         raise InputError(422, "empty upload: expected an image file (PNG, JPEG, GIF, BMP or WebP)")
     if len(data) > limits.max_bytes:
         raise InputError(413, f"upload is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
+    kind = _sniff(data)
+    if kind is None:
+        raise InputError(415, "not an image in a supported format (PNG, JPEG, GIF, BMP, WebP)")
     try:
-        img = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.DecompressionBombError:  # Pillow's own guard, at twice Image.MAX_IMAGE_PIXELS
+        header = _INSPECTORS[kind](data, limits)
+    except InputError:
+        raise
+    except Exception:  # struct errors, index errors, Pillow's header parsers on damaged data
         raise InputError(
-            413,
-            f"image declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels; the limit is {limits.max_pixels}",
+            422, f"corrupt or truncated {_NAMES[kind]} image: its header cannot be read"
         ) from None
-    except Exception:  # Pillow's header parsers raise several exception types for damaged data
-        kind = _sniff(data)
-        if kind:
-            raise InputError(422, f"corrupt or truncated {kind} image: its header cannot be read") from None
-        raise InputError(415, "not an image in a supported format (PNG, JPEG, GIF, BMP, WebP)") from None
-    width, height = img.size
-    if width * height > limits.max_pixels:
+    width, height = header.width, header.height
+    if width < 1 or height < 1:
+        raise InputError(422, f"corrupt {_NAMES[kind]} image: it declares a size of {width}×{height}")
+    limit = limits.max_pixels[kind]
+    if header.pixels > limit:
         raise InputError(
-            413, f"image is {width}×{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+            413, f"{_NAMES[kind]} image is {width}×{height} = {header.pixels} pixels; the limit is {limit}"
         )
     if min(width, height) < limits.min_side:
         raise InputError(
@@ -133,31 +195,237 @@ def _open(data: bytes, limits: Limits) -> Image.Image:
         raise InputError(
             422, f"image is {width}×{height}; the aspect ratio must be at most {limits.max_aspect:g}:1"
         )
-    return img
+    if header.python_work and header.pixels > limits.max_rle_pixels:
+        raise InputError(
+            413,
+            f"run-length encoded BMP of {header.pixels} pixels; the limit is {limits.max_rle_pixels} "
+            "(send PNG or JPEG)",
+        )
+    mib = -(-header.decode_bytes // 2**20)
+    if mib > limits.max_decode_mib:
+        raise InputError(
+            413,
+            f"decoding this {_NAMES[kind]} image needs about {mib} MiB; the limit is {limits.max_decode_mib} MiB",
+        )
+    return header
+
+
+_NAMES = {"PNG": "PNG", "JPEG": "JPEG", "GIF": "GIF", "BMP": "BMP", "WEBP": "WebP"}
 
 
 def _sniff(data: bytes) -> str | None:
-    """The format a file claims by its magic bytes, if it is one of ours."""
+    """The format a file claims by its magic bytes (Pillow's name), if it is one of ours."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP"
+        return "WEBP"
     return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
 
 
-def _decode(img: Image.Image) -> np.ndarray:
-    """Decode the first frame to an upright uint8 grayscale array, alpha composited, big images shrunk."""
-    width, height = img.size
+def draft_scale(width: int, height: int) -> int:
+    """JPEG DCT scaling factor (1, 2, 4 or 8): the largest that keeps the longer side at least WORK_SIDE."""
     long_side = max(width, height)
-    if img.format in ("JPEG", "MPO") and long_side >= 2 * WORK_SIDE:  # MPO: a phone's multi-picture JPEG
-        scale = min(8, 1 << ((long_side // WORK_SIDE).bit_length() - 1))
-        img.draft("L", (max(1, width // scale), max(1, height // scale)))  # DCT scaling: decode fewer pixels
+    if long_side < 2 * WORK_SIDE:
+        return 1
+    return min(8, 1 << ((long_side // WORK_SIDE).bit_length() - 1))
+
+
+_FILL = re.compile(rb"\xff*")
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_DIFFERENTIAL_OR_LOSSLESS = {0xC3, 0xC5, 0xC6, 0xC7, 0xCB, 0xCD, 0xCE, 0xCF}
+_PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
+
+
+def _inspect_jpeg(data: bytes, limits: Limits) -> Header:
+    """Walk the JPEG's header segments up to the first scan; count the scans with one C-speed search."""
+    pos, segments, frame = 2, 0, None
+    while True:
+        if data[pos] != 0xFF:
+            raise InputError(422, f"corrupt JPEG image: no marker at byte {pos} (junk between segments)")
+        fill_end = _FILL.match(data, pos).end()
+        if fill_end - pos - 1 > limits.max_fill_bytes:
+            raise InputError(
+                422,
+                f"JPEG image has {fill_end - pos - 1} fill bytes before a marker; at most {limits.max_fill_bytes}",
+            )
+        marker, pos = data[fill_end], fill_end + 1
+        if marker == 0xDA:  # start of the first scan: the header ends here
+            break
+        segments += 1
+        if segments > limits.max_segments:
+            raise InputError(422, f"JPEG image has more than {limits.max_segments} header segments")
+        if marker == 0xD9:
+            raise InputError(422, "corrupt or truncated JPEG image: it ends before any image data")
+        if 0xD0 <= marker <= 0xD7 or marker in (0x01, 0xD8):  # markers without a length
+            continue
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        if length < 2 or pos + length > len(data):
+            raise InputError(422, "corrupt or truncated JPEG image: a header segment runs past the end")
+        if marker in _SOF:
+            frame = (marker, data[pos + 2 : pos + length])
+        pos += length
+    if frame is None:
+        raise InputError(422, "corrupt JPEG image: no frame header before the image data")
+    marker, sof = frame
+    if marker in _DIFFERENTIAL_OR_LOSSLESS:
+        raise InputError(
+            415, "lossless or hierarchical JPEG is not supported; send a baseline or progressive JPEG"
+        )
+    height, width, count = int.from_bytes(sof[1:3], "big"), int.from_bytes(sof[3:5], "big"), sof[5]
+    if count not in (1, 3, 4) or len(sof) < 6 + 3 * count:
+        raise InputError(422, f"unsupported JPEG image: {count} colour components")
+    sampling = [(sof[6 + 3 * i + 1] >> 4, sof[6 + 3 * i + 1] & 15) for i in range(count)]
+    if min(min(s) for s in sampling) < 1:
+        raise InputError(422, "corrupt JPEG image: a component has no sampling factor")
+    scans = data.count(b"\xff\xda", pos - 2)  # 0xFF 0xDA cannot occur inside entropy-coded data
+    if scans > limits.max_jpeg_scans:
+        raise InputError(
+            422,
+            f"JPEG image has {scans} scans; at most {limits.max_jpeg_scans} are accepted (encoders write ~10)",
+        )
+    scale = draft_scale(width, height)
+    bands = 1 if count != 4 else 4  # YCbCr and grayscale decode straight to 'L' in draft mode
+    need = -(-width // scale) * -(-height // scale) * (bands + 1)
+    if marker in _PROGRESSIVE or scans > 1:  # every coefficient of the image is held until the last scan
+        h_max, v_max = max(h for h, _ in sampling), max(v for _, v in sampling)
+        blocks = sum(-(-width * h // h_max // 8) * -(-height * v // v_max // 8) for h, v in sampling)
+        need += blocks * 64 * 2
+    return Header("JPEG", width, height, need, draft_scale=scale)
+
+
+_PNG_BYTES_PER_PIXEL = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type, as Pillow holds 8-bit data
+
+
+def _inspect_png(data: bytes, limits: Limits) -> Header:
+    """Read IHDR and walk the chunk list (lengths only), refusing chunk floods."""
+    length, kind = struct.unpack_from(">I4s", data, 8)
+    if kind != b"IHDR" or length != 13:
+        raise InputError(422, "corrupt PNG image: it does not start with an IHDR chunk")
+    width, height, depth, colour = struct.unpack_from(">IIBB", data, 16)
+    if colour not in _PNG_BYTES_PER_PIXEL:
+        raise InputError(422, f"corrupt PNG image: colour type {colour}")
+    pos, chunks, others, end = 8, 0, 0, len(data)
+    while pos + 8 <= end:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        chunks += 1
+        if kind == b"IEND":
+            break
+        if kind != b"IDAT":
+            others += 1
+            if others > limits.max_segments:
+                raise InputError(
+                    422, f"PNG image has more than {limits.max_segments} chunks besides its image data"
+                )
+        if chunks > limits.max_png_chunks:
+            raise InputError(422, f"PNG image has more than {limits.max_png_chunks} chunks")
+        pos += 12 + length
+    per_pixel = 5 if depth == 16 and colour == 0 else _PNG_BYTES_PER_PIXEL[colour]  # 16-bit grey: + arrays
+    # The decoded image, plus the small copy after reduction and, for palettes, the full-size conversion.
+    extra = 2 if colour == 3 else 0
+    return Header("PNG", width, height, width * height * (per_pixel + extra) + width * height // 4)
+
+
+def _inspect_gif(data: bytes, limits: Limits) -> Header:
+    """Logical screen and first frame size; extension blocks before the first frame are counted."""
+    width, height, flags = struct.unpack_from("<HHB", data, 6)
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    blocks = 0
+    while True:
+        introducer = data[pos]
+        if introducer == 0x2C:  # image descriptor: the first frame
+            left, top, frame_w, frame_h = struct.unpack_from("<HHHH", data, pos + 1)
+            width, height = max(width, left + frame_w), max(height, top + frame_h)
+            break
+        if introducer != 0x21:
+            raise InputError(422, "corrupt GIF image: no image before the end of the file")
+        pos += 2
+        while True:  # the extension's data sub-blocks
+            blocks += 1
+            if blocks > limits.max_segments:
+                raise InputError(
+                    422, f"GIF image has more than {limits.max_segments} blocks before its first frame"
+                )
+            size = data[pos]
+            pos += 1 + size
+            if size == 0:
+                break
+    return Header("GIF", width, height, width * height * 4)
+
+
+def _inspect_webp(data: bytes, limits: Limits) -> Header:
+    """Canvas size from the first RIFF chunk (VP8X extended, VP8L lossless or VP8 lossy)."""
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        width, height = 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    elif chunk == b"VP8L" and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        width, height = 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    elif chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack_from("<HH", data, 26)
+        width, height = width & 0x3FFF, height & 0x3FFF
+    else:
+        raise InputError(422, "corrupt WebP image: unknown first chunk")
+    return Header("WEBP", width, height, width * height * 8)  # libwebp's RGBA canvas plus Pillow's copy
+
+
+def _inspect_pillow(kind: str) -> Callable[[bytes, Limits], Header]:
+    """Header reader for a format whose Pillow header parser does a fixed amount of work (BMP)."""
+
+    def inspect_with_pillow(data: bytes, limits: Limits) -> Header:
+        try:
+            with Image.open(io.BytesIO(data), formats=(kind,)) as img:
+                width, height = img.size
+                bands = len(img.getbands())
+                rle = bool(img.tile) and img.tile[0][0] == "bmp_rle"
+        except Image.DecompressionBombError:  # Pillow's own guard, at twice Image.MAX_IMAGE_PIXELS
+            raise InputError(
+                413, f"{_NAMES[kind]} image declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels"
+            ) from None
+        return Header(kind, width, height, width * height * (bands + 2), python_work=rle)  # + a conversion
+
+    return inspect_with_pillow
+
+
+_INSPECTORS: dict[str, Callable[[bytes, Limits], Header]] = {
+    "JPEG": _inspect_jpeg,
+    "PNG": _inspect_png,
+    "GIF": _inspect_gif,
+    "BMP": _inspect_pillow("BMP"),
+    "WEBP": _inspect_webp,
+}
+
+
+# Decoding
+def _open(data: bytes, header: Header) -> Image.Image:
+    """Open the inspected image with Pillow (only the inspected format) and check it agrees with the header."""
+    try:
+        img = Image.open(io.BytesIO(data), formats=(header.format,))
+    except Exception:  # Pillow's header parsers raise several exception types for damaged data
+        raise InputError(
+            422, f"corrupt or truncated {_NAMES[header.format]} image: its header cannot be read"
+        ) from None
+    if img.size != (header.width, header.height):
+        raise InputError(
+            422, f"corrupt {_NAMES[header.format]} image: inconsistent sizes {img.size} in its header"
+        )
+    return img
+
+
+def _decode(img: Image.Image, header: Header) -> np.ndarray:
+    """Decode the first frame to an upright uint8 grayscale array, alpha composited, big images reduced first."""
+    if header.draft_scale > 1:  # DCT scaling: decode fewer pixels (MPO is a phone's multi-picture JPEG)
+        width, height = img.size
+        img.draft("L", (-(-width // header.draft_scale), -(-height // header.draft_scale)))
     try:
         img.load()
         orientation = _orientation(img)
         gray = _flatten(img)
     except InputError:
         raise
+    except MemoryError:
+        raise InputError(
+            413, f"{_NAMES[header.format]} image needs more memory to decode than allowed"
+        ) from None
     except Exception as exc:  # truncated or damaged pixel data: OSError, SyntaxError, ValueError, EOFError …
-        raise InputError(422, f"corrupt or truncated {img.format} image: {exc}") from None
+        raise InputError(422, f"corrupt or truncated {_NAMES[header.format]} image: {exc}") from None
     if orientation in _TRANSPOSE:
         gray = gray.transpose(_TRANSPOSE[orientation])
     return np.asarray(gray)
@@ -171,14 +439,35 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+_REDUCIBLE = {
+    "L",
+    "LA",
+    "La",
+    "RGB",
+    "RGBA",
+    "RGBa",
+    "CMYK",
+    "I",
+    "F",
+}  # modes Image.reduce averages correctly
+_ALPHA = {"LA", "La", "PA", "RGBA", "RGBa"}
+
+
 def _flatten(img: Image.Image) -> Image.Image:
-    """Any mode → 'L': 16/32-bit integers rescaled, alpha composited onto the backdrop the ink stands out on."""
+    """Any mode → 'L': reduced first where the mode allows, 16/32-bit integers rescaled, alpha composited onto
+    the backdrop the ink stands out on."""
+    if img.mode in _REDUCIBLE:
+        img = _shrink(img)
     if img.mode.startswith("I"):  # 'I' and 'I;16*' (16-bit PNG): values up to 65535
-        values = np.asarray(img, dtype=np.float32)
+        values = np.asarray(
+            img
+        )  # 'I;16' cannot be reduced by Pillow: 2 bytes a pixel here, 1 after the shift
         if values.max() > 255:
-            values = values / 257.0
-        return _shrink(Image.fromarray(np.clip(values, 0, 255).astype(np.uint8)))
-    if img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or img.has_transparency_data:
+            values = values >> 8 if values.dtype == np.uint16 else values // 257
+        if values.dtype != np.uint16:
+            values = np.clip(values, 0, 255)
+        return _shrink(Image.fromarray(values.astype(np.uint8)))
+    if img.mode in _ALPHA or img.has_transparency_data:
         la = _shrink(img.convert("LA"))
         lum, alpha = la.split()
         # Ink on a transparent canvas is usually dark; if the visible pixels are light, put them on black.

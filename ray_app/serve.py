@@ -39,9 +39,10 @@ from starlette.exceptions import HTTPException
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ray_app.decode import DecodeBudget, DecodeBusy, Decoder, ItemError
 from ray_app.model import DEFAULT_MODEL_DIR, METADATA, WEIGHTS, Artifact, ArtifactError, load_artifact
 from ray_app.multipart import FormLimits, Part, read_form
-from ray_app.preprocess import InputError, Limits, to_mnist
+from ray_app.preprocess import InputError, Limits
 
 # A child of Serve's logger, so messages reach the replica log files (Serve configures only "ray.serve").
 log = logging.getLogger(f"ray.serve.{__name__}")
@@ -64,9 +65,9 @@ class Settings:
     max_part_header_bytes: int = 4096  # header bytes of one multipart part
     max_part_headers: int = 8  # headers of one multipart part
     body_timeout_s: float = 10.0  # time allowed to receive the request body (slow clients get 408)
-    inline_decode_bytes: int = 65536  # larger uploads are decoded in a worker thread, off the event loop
     model_poll_interval_s: float = 1.0  # how often the model directory is checked for a new model
     limits: Limits = field(default_factory=Limits)  # image limits; ``limits.max_bytes`` caps the body too
+    decode: DecodeBudget = field(default_factory=DecodeBudget)  # decodes at once, their time and memory
 
     @classmethod
     def from_user_config(cls, config: dict[str, Any] | None) -> Settings:
@@ -80,6 +81,8 @@ class Settings:
                 values["limits"] = Limits(**values["limits"])
             except TypeError as exc:
                 raise ValueError(f"user_config limits: {exc}") from None
+        if "decode" in values:
+            values["decode"] = DecodeBudget.from_config(values["decode"])
         settings = cls(**values)
         for name in (
             "max_batch_size",
@@ -87,7 +90,6 @@ class Settings:
             "max_body_bytes",
             "max_part_header_bytes",
             "max_part_headers",
-            "inline_decode_bytes",
         ):
             if not isinstance(getattr(settings, name), int) or getattr(settings, name) < 1:
                 raise ValueError(f"user_config {name} must be an integer >= 1")
@@ -355,6 +357,7 @@ class Backend(Protocol):
     settings: Settings
     slot: ModelSlot
     metrics: ServeMetrics
+    decoder: Decoder
 
     async def classify(self, image: np.ndarray) -> Prediction:
         """Classify one 28x28 uint8 image."""
@@ -429,15 +432,19 @@ def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | Non
     return Response(content, status, headers, media_type="application/json")
 
 
-async def _decode(data: bytes, settings: Settings, metrics: ServeMetrics) -> np.ndarray:
-    """Upload bytes to the 28x28 image the model sees; large uploads are decoded in a worker thread."""
+async def _decode(items: list[bytes], backend: Backend) -> list[np.ndarray]:
+    """Upload bytes to the 28x28 images the model sees, within the replica's decode budget (small uploads on the
+    event loop, the rest in decode worker processes); over the budget: 503 with Retry-After."""
     started = time.perf_counter()
-    if len(data) <= settings.inline_decode_bytes:
-        image = to_mnist(data, settings.limits)
-    else:
-        image = await asyncio.get_running_loop().run_in_executor(None, to_mnist, data, settings.limits)
-    metrics.preprocess_s.observe(time.perf_counter() - started)
-    return image
+    try:
+        images = await backend.decoder.decode(items, backend.settings.limits)
+    except DecodeBusy as exc:
+        retry = str(backend.settings.decode.retry_after_s)
+        raise HTTPException(503, f"{exc}", {"Retry-After": retry}) from None
+    seconds = (time.perf_counter() - started) / len(images)
+    for _ in images:
+        backend.metrics.preprocess_s.observe(seconds)
+    return images
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -534,8 +541,7 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
             raise HTTPException(
                 422, f"{len(files)} '{FILE_FIELD}' fields; use POST /predict/batch with '{FILES_FIELD}'"
             )
-        settings = backend.settings
-        image = await _decode(files[0].data, settings, backend.metrics)
+        (image,) = await _decode([files[0].data], backend)
         result = await backend.classify(image)
         body = {"prediction": result.digit, "probs": result.probs, "model_version": result.model_version}
         if _wants_input(request):
@@ -551,14 +557,11 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
     async def predict_batch(request: Request) -> Response:
         """Classify several images (repeated multipart field `files`); results come in upload order."""
         files = await open_upload(request, FILES_FIELD)
-        settings = backend.settings
-        images = []
-        for index, part in enumerate(files):
-            try:
-                images.append(await _decode(part.data, settings, backend.metrics))
-            except InputError as exc:
-                name = f" ({part.filename})" if part.filename else ""
-                raise InputError(exc.status_code, f"files[{index}]{name}: {exc.detail}") from None
+        try:
+            images = await _decode([part.data for part in files], backend)
+        except ItemError as exc:  # name the part that was refused
+            name = f" ({files[exc.index].filename})" if files[exc.index].filename else ""
+            raise InputError(exc.status_code, f"files[{exc.index}]{name}: {exc.detail}") from None
         results = infer(backend.slot, backend.metrics, images)  # already a batch: one forward pass
         return _json(
             {
@@ -621,6 +624,8 @@ class MNISTClassifier:
         torch.set_num_threads(_replica_cpus())
         self.settings = Settings()
         self.metrics = ServeMetrics()
+        self.decoder = Decoder(self.settings.decode)
+        self.decoder.start()  # decode worker processes (PIL and numpy only)
         self.slot = ModelSlot(Path(os.environ.get("MODEL_DIR", DEFAULT_MODEL_DIR)))
         await asyncio.to_thread(self.slot.poll)
         self._watcher = asyncio.create_task(self._watch_model())
@@ -630,6 +635,11 @@ class MNISTClassifier:
         self.settings = Settings.from_user_config(user_config)
         self.classify.set_max_batch_size(self.settings.max_batch_size)
         self.classify.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.decoder.reconfigure(self.settings.decode)
+
+    def __del__(self) -> None:
+        """Stop the decode workers (Serve calls this when the replica shuts down)."""
+        self.decoder.close()
 
     def check_health(self) -> None:
         """Fail only when the replica is broken (the model watcher died), not when a model is missing."""

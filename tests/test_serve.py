@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from torch import nn
 
+from ray_app.decode import Decoder
 from ray_app.model import METADATA, WEIGHTS, ModelConfig, Net, load_artifact, save_artifact
 from ray_app.multipart import Form, FormLimits, Part, read_form
 from ray_app.preprocess import Limits, preprocess, to_mnist
@@ -197,6 +198,7 @@ class DirectBackend:
     def __init__(self, model_dir: Path, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.metrics = RecordingMetrics()
+        self.decoder = Decoder(self.settings.decode)  # worker processes start on first use
         self.slot = ModelSlot(model_dir)
         self.slot.poll()
 
