@@ -12,6 +12,7 @@ import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ DEFAULT_MODEL_DIR = "/mnt/model"
 WEIGHTS = "model.pth"
 METADATA = "model.json"
 VERSIONS = "versions"
-# A version id as save_artifact writes it (UTC time, then the first 8 hex digits of the weights' sha256).
-# Only such ids are looked up under versions/: never a path.
-VERSION_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}")
+# A version id as save_artifact writes it (UTC time to the microsecond, then the first 8 hex digits of the weights'
+# sha256), so two publishes of the same weights get distinct ids; ids without the microseconds (older models) are
+# valid too. Only such ids are looked up under versions/: never a path.
+VERSION_ID = re.compile(r"\d{8}-\d{6}(?:-\d{6})?-[0-9a-f]{8}")
 MAX_WIDTH = 1024  # conv1, conv2 and hidden in model.json (the default model uses 32, 64, 128)
 MAX_WEIGHTS_BYTES = 64 * 1024 * 1024  # model.pth (the default model is under 1 MiB)
 MAX_METADATA_BYTES = 64 * 1024  # model.json
@@ -77,12 +79,12 @@ class ArtifactError(Exception):
 
 
 def check_version_id(version: object) -> str:
-    """``version`` if it has the form save_artifact writes (e.g. ``20260101-120000-0123abcd``), else raise
+    """``version`` if it has the form save_artifact writes (e.g. ``20260101-120000-123456-0123abcd``), else raise
     :class:`ArtifactError`: ids name a folder under ``versions/``, so ``..``, slashes and absolute paths never
     reach the filesystem."""
     if not isinstance(version, str) or not VERSION_ID.fullmatch(version):
         raise ArtifactError(
-            f"invalid model version {version!r}: expected YYYYMMDD-HHMMSS-<8 hex digits>, "
+            f"invalid model version {version!r}: expected YYYYMMDD-HHMMSS-<microseconds>-<8 hex digits>, "
             "as listed by `python -m ray_app.model list`"
         )
     return version
@@ -153,7 +155,7 @@ def save_artifact(model_dir: str | Path, state_dict: dict[str, torch.Tensor], me
     model_dir.mkdir(parents=True, exist_ok=True)
     buffer = _serialize(state_dict)
     sha = hashlib.sha256(buffer).hexdigest()
-    version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + sha[:8]
+    version = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f") + "-" + sha[:8]
     meta = {**meta, "version": version, "architecture": ARCHITECTURE, "sha256": sha}
     text = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
 
