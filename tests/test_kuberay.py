@@ -495,7 +495,7 @@ def test_rayjob_deadlines_and_no_whole_cluster_retry(rayjob: dict[str, Any]) -> 
     assert 1 <= spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
     assert spec["backoffLimit"] == 0
     assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode" and "clusterSelector" not in spec
-    assert "MAX_FAILURES" not in job_env(rayjob) or int(job_env(rayjob)["MAX_FAILURES"]) > 0
+    assert int(job_env(rayjob)["MAX_FAILURES"]) > 0  # lost workers are restarted by Ray Train instead
 
 
 def test_submitter_pod_like_the_ray_pods(rayjob: dict[str, Any]) -> None:
@@ -1321,12 +1321,10 @@ def test_setting_the_image_as_documented(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert not list(copy_root.rglob("*.bak"))
-    for part in KUSTOMIZATIONS:
-        images = {
-            c["image"]
-            for doc in kustomize(copy_root / part)
-            for c in re.findall(r"image: (\S+)", yaml.safe_dump(doc))
-            for c in [{"image": c}]
-        }
-        assert "registry.example/team/ray-mnist:2.60.0-abc1234" in images or part == "volume", (part, images)
-        assert not any(i.startswith("ray-mnist") for i in images), (part, images)
+    changed = set((copy_root / "image" / "kustomization.yaml").read_text().splitlines()) - set(
+        header.splitlines()
+    )
+    assert changed == {"    newName: registry.example/team/ray-mnist", '    newTag: "2.60.0-abc1234"'}
+    for part in set(KUSTOMIZATIONS) - {"volume"}:
+        images = set(re.findall(r"image: (\S+)", yaml.safe_dump_all(kustomize(copy_root / part))))
+        assert images - {"redis:7.4.0"} == {"registry.example/team/ray-mnist:2.60.0-abc1234"}, (part, images)
