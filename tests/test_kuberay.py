@@ -148,6 +148,17 @@ def rayservice(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return manifests["RayService"]
 
 
+def test_every_manifest_says_how_to_apply_it() -> None:
+    """The comment header of each manifest names the command that applies it (kubectl, always with -k or a
+    filled-in placeholder piped to kubectl, since only kustomize sets the image)."""
+    for path in [*MANIFESTS.values(), *MULTI_MANIFESTS]:
+        header = path.read_text().split("apiVersion:", 1)[0]
+        commands = [
+            line for line in header.splitlines() if re.search(r"kubectl (apply|create|kustomize) ", line)
+        ]
+        assert any(f"kuberay/{path.parent.name}/" in line for line in commands), path
+
+
 def cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
     """The RayCluster spec embedded in a RayJob, a RayCronJob's job template or a RayService."""
     if doc["kind"] == "RayCronJob":
