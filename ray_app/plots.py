@@ -1,4 +1,5 @@
-"""Pictures of a training run, written beside ``model.json``: learning curves and the confusion matrix."""
+"""Pictures of a training run, written beside ``model.json``: learning curves, the confusion matrix and the
+reliability diagram of the calibrated probabilities."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 CURVES = "training_curves.png"
 CONFUSION = "confusion_matrix.png"
+RELIABILITY = "reliability.png"
 
 
 def write_plots(
@@ -51,3 +53,49 @@ def write_plots(
     fig.savefig(model_dir / CONFUSION, dpi=100)
     plt.close(fig)
     return [model_dir / CURVES, model_dir / CONFUSION]
+
+
+def write_reliability(
+    model_dir: str | Path, bins: dict[str, list[dict[str, float]]], calibration: dict[str, Any]
+) -> Path:
+    """Write ``reliability.png``: accuracy against top probability per bin on the test set, before and after
+    the temperature (``bins`` as from :func:`ray_app.calibration.calibrate`), with the image count per bin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test = calibration["test"]
+    fig, (diagram, counts) = plt.subplots(
+        2, 1, figsize=(5.2, 6), height_ratios=(3, 1), sharex=True, constrained_layout=True
+    )
+    diagram.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
+    labels = {
+        "before": f"raw softmax (ECE {100 * test['ece_before']:.2f} %)",
+        "after": f"T = {calibration['temperature']:.3f} (ECE {100 * test['ece_after']:.2f} %)",
+    }
+    for (name, rows), marker in zip(bins.items(), ("o--", "s-"), strict=True):
+        used = [r for r in rows if r["count"]]
+        diagram.plot(
+            [r["confidence"] for r in used], [r["accuracy"] for r in used], marker, label=labels[name]
+        )
+        width = (rows[0]["high"] - rows[0]["low"]) * 0.4
+        offset = -width / 2 if name == "before" else width / 2
+        counts.bar([(r["low"] + r["high"]) / 2 + offset for r in rows], [r["count"] for r in rows], width)
+    diagram.axvline(
+        calibration["threshold"],
+        color="grey",
+        lw=1,
+        label=f"not-sure threshold {calibration['threshold']:.2f}",
+    )
+    diagram.set(
+        ylabel="accuracy in bin", title="Reliability on the MNIST test set", xlim=(0, 1), ylim=(0, 1.02)
+    )
+    diagram.grid(alpha=0.3)
+    diagram.legend(loc="lower right", fontsize=8)
+    counts.set(xlabel="top probability (15 bins)", ylabel="images", yscale="log")
+    counts.grid(alpha=0.3)
+    path = Path(model_dir) / RELIABILITY
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

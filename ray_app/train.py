@@ -28,12 +28,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ray_app import data
-from ray_app.model import DEFAULT_MODEL_DIR, ModelConfig, Net, save_artifact
-from ray_app.plots import write_plots
+from ray_app.calibration import calibrate, holdout_split
+from ray_app.model import (
+    DEFAULT_MODEL_DIR,
+    METADATA,
+    ArtifactError,
+    ModelConfig,
+    Net,
+    load_artifact,
+    save_artifact,
+)
+from ray_app.plots import write_plots, write_reliability
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
+# Exit codes of the CLI: only EXIT_PUBLISHED changes --model-dir.
+EXIT_PUBLISHED, EXIT_FAILED, EXIT_BELOW_MIN_ACCURACY, EXIT_WORSE_THAN_CHAMPION = 0, 1, 2, 3
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -115,7 +126,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
 
     # [1] Data: the whole set as tensors in memory; each epoch a shared permutation, split by rank.
-    train_x, train_y = data.load_mnist(config["data_dir"], train=True, limit=config["train_limit"])
+    train_x, train_y = data.load_mnist(config["data_dir"], train=True)
+    keep, _ = holdout_split(len(train_x), config["val_size"], config["seed"])  # validation images never train
+    keep = keep[: config["train_limit"] or None]
+    train_x, train_y = train_x[keep], train_y[keep]
     test_x, test_y = data.load_mnist(config["data_dir"], train=False)
     train_x, test_x = data.normalize(train_x), data.normalize(test_x)
     test_x, test_y = test_x[rank::world], test_y[rank::world]
@@ -258,6 +272,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="publish only if test accuracy reaches this (env MIN_ACCURACY)",
     )
     p.add_argument(
+        "--val-size",
+        type=int,
+        default=_env("VAL_SIZE", 5000),
+        help="training images held out (seeded by --seed) to fit the probability calibration; 0 = no "
+        "calibration (env VAL_SIZE)",
+    )
+    p.add_argument(
+        "--champion-gate",
+        choices=("on", "off"),
+        default=_env("CHAMPION_GATE", "on"),
+        help="publish only if the new model is not worse on the test set than the model already in "
+        "--model-dir; exit code 3 when it is (env CHAMPION_GATE)",
+    )
+    p.add_argument(
+        "--champion-tolerance",
+        type=float,
+        default=_env("CHAMPION_TOLERANCE", 0.001),
+        help="how much lower the new model's test accuracy may be than the current model's and still be "
+        "published (env CHAMPION_TOLERANCE)",
+    )
+    p.add_argument(
         "--train-limit",
         type=int,
         default=_env("TRAIN_LIMIT", 0),
@@ -293,6 +328,7 @@ def fit(args: argparse.Namespace) -> ray.train.Result:
         train_loop_config={
             "data_dir": str(args.data_dir),
             "train_limit": args.train_limit,
+            "val_size": args.val_size,
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "lr": args.lr,
@@ -313,8 +349,45 @@ def fit(args: argparse.Namespace) -> ray.train.Result:
     return trainer.fit()
 
 
+def predict_logits(model: nn.Module, images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Logits of an eval-mode model for uint8 images (N, 28, 28), normalised with ``mean``/``std``."""
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for chunk in images.split(1000):
+            x = ((chunk.float() / 255 - mean) / std).unsqueeze(1)
+            outputs.append(model(x.contiguous(memory_format=torch.channels_last)))
+    return torch.cat(outputs)
+
+
+def champion_decision(challenger: float, champion: float | None, tolerance: float) -> bool:
+    """Whether a new model with test accuracy ``challenger`` may replace one with ``champion`` (None: no model)."""
+    return champion is None or challenger >= champion - tolerance
+
+
+def _champion_accuracy(
+    model_dir: str, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[float, str] | None:
+    """Test accuracy and version of the model in ``model_dir``; None when there is none or it does not load."""
+    if not (Path(model_dir) / METADATA).exists():
+        return None
+    try:
+        artifact = load_artifact(model_dir)
+    except ArtifactError as exc:
+        log.warning("current model not comparable (%s); treating it as absent", exc)
+        return None
+    norm = artifact.meta["normalization"]
+    logits = predict_logits(artifact.model, images, float(norm["mean"]), float(norm["std"]))
+    return (logits.argmax(1) == labels).double().mean().item(), str(artifact.meta["version"])
+
+
 def publish(args: argparse.Namespace, state: dict[str, Any], wall_time_s: float) -> int:
-    """Apply the accuracy gate to a finished run's final state and publish it. Returns the exit code."""
+    """Apply the gates to a finished run's final state, calibrate it and publish it. Returns the exit code.
+
+    Gates: test accuracy below ``--min-accuracy`` → 2; worse than the model already in ``--model-dir`` by more
+    than ``--champion-tolerance`` on the same test set (unless ``--champion-gate off``) → 3. Nothing is
+    written in either case.
+    """
     confusion = state["confusion"]
     accuracy = state["history"][-1]["test_accuracy"]
     if accuracy < args.min_accuracy:
@@ -323,7 +396,33 @@ def publish(args: argparse.Namespace, state: dict[str, Any], wall_time_s: float)
             accuracy,
             args.min_accuracy,
         )
-        return 2
+        return EXIT_BELOW_MIN_ACCURACY
+    model = Net(**asdict(ModelConfig()))
+    model.load_state_dict(state["model"])
+    test_x, test_y = data.load_mnist(args.data_dir, train=False)
+    logits = predict_logits(model, test_x, data.MEAN, data.STD)
+    challenger = (logits.argmax(1) == test_y).double().mean().item()
+    champion = None
+    if args.champion_gate == "on":
+        current = _champion_accuracy(args.model_dir, test_x, test_y)
+        champion = {
+            "gate": "on",
+            "tolerance": args.champion_tolerance,
+            "challenger_accuracy": challenger,
+            "champion_accuracy": current[0] if current else None,
+            "champion_version": current[1] if current else None,
+        }
+        if not champion_decision(challenger, champion["champion_accuracy"], args.champion_tolerance):
+            log.error(
+                "test accuracy %.4f is worse than the current model %s (%.4f) by more than "
+                "--champion-tolerance %g; model not published",
+                challenger,
+                champion["champion_version"],
+                champion["champion_accuracy"],
+                args.champion_tolerance,
+            )
+            return EXIT_WORSE_THAN_CHAMPION
+        log.info("champion gate passed: %.4f vs current %s", challenger, champion["champion_accuracy"])
     meta = {
         "config": asdict(ModelConfig()),
         "normalization": {"mean": data.MEAN, "std": data.STD},
@@ -338,16 +437,34 @@ def publish(args: argparse.Namespace, state: dict[str, Any], wall_time_s: float)
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
-        "train_images": args.train_limit or 60000,
+        "train_images": min(args.train_limit or 60000, 60000 - args.val_size),
         "wall_time_s": round(wall_time_s, 1),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "data_sha256": data.checksum(args.data_dir),
         "ray_version": ray.__version__,
         "torch_version": torch.__version__,
         "run_name": args.run_name,
+        "champion_gate": champion or {"gate": "off"},
     }
+    bins = None
+    if args.val_size > 0:
+        train_x, train_y = data.load_mnist(args.data_dir, train=True)
+        _, val = holdout_split(len(train_x), args.val_size, args.seed)
+        val_logits = predict_logits(model, train_x[val], data.MEAN, data.STD)
+        meta["calibration"], bins = calibrate(val_logits, train_y[val], logits, test_y)
+        log.info(
+            "calibration: temperature %.3f, test ECE %.4f -> %.4f, NLL %.4f -> %.4f, threshold %.3f",
+            meta["calibration"]["temperature"],
+            meta["calibration"]["test"]["ece_before"],
+            meta["calibration"]["test"]["ece_after"],
+            meta["calibration"]["test"]["nll_before"],
+            meta["calibration"]["test"]["nll_after"],
+            meta["calibration"]["threshold"],
+        )
     version = save_artifact(args.model_dir, state["model"], meta)
     write_plots(args.model_dir, state["history"], meta["confusion_matrix"])
+    if bins is not None:
+        write_reliability(args.model_dir, bins, meta["calibration"])
     log.info(
         "done: test accuracy %.4f in %.1f s wall time; model %s in %s",
         accuracy,
@@ -355,11 +472,15 @@ def publish(args: argparse.Namespace, state: dict[str, Any], wall_time_s: float)
         version,
         args.model_dir,
     )
-    return 0
+    return EXIT_PUBLISHED
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train, check the accuracy gate, publish. Exit code 0 = a new model was published."""
+    """Train, check the gates, calibrate, publish.
+
+    Exit codes: 0 a new model was published; 1 training failed; 2 test accuracy below ``--min-accuracy``;
+    3 worse than the model already in ``--model-dir`` (champion gate). Only 0 changes ``--model-dir``.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     args = parse_args(argv)
@@ -369,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         result = fit(args)
     except Exception:
         log.exception("training failed; the model in %s is unchanged", args.model_dir)
-        return 1
+        return EXIT_FAILED
     finally:
         ray.shutdown()
     with result.checkpoint.as_directory() as d:

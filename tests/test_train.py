@@ -19,7 +19,15 @@ import torch
 
 from ray_app import data
 from ray_app.model import ModelConfig, Net, load_artifact
-from ray_app.train import augment, parse_args, publish
+from ray_app.train import (
+    EXIT_PUBLISHED,
+    EXIT_WORSE_THAN_CHAMPION,
+    _champion_accuracy,
+    augment,
+    champion_decision,
+    parse_args,
+    publish,
+)
 from tests.conftest import ROOT, private_ray_env, run_train
 
 
@@ -104,8 +112,87 @@ def test_accuracy_gate(tmp_path: Path, mnist_dir: Path) -> None:
     assert meta["test_accuracy"] == 0.995 and meta["per_digit_accuracy"] == [1.0] * 10
     assert meta["normalization"] == {"mean": data.MEAN, "std": data.STD}
     assert meta["data_sha256"] == data.checksum(mnist_dir)
-    for name in ("training_curves.png", "confusion_matrix.png"):
+    for name in ("training_curves.png", "confusion_matrix.png", "reliability.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert meta["champion_gate"]["champion_accuracy"] is None  # an empty folder has no champion
+    assert meta["calibration"]["temperature"] > 0 and meta["train_images"] == 55000
+
+
+def test_champion_decision(tmp_path: Path) -> None:
+    images, labels = torch.zeros(2, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long)
+    assert _champion_accuracy(str(tmp_path), images, labels) is None  # no model yet
+    (tmp_path / "model.json").write_text("{not json")
+    assert _champion_accuracy(str(tmp_path), images, labels) is None  # a broken one is no champion
+    assert champion_decision(0.99, None, 0.001)  # nothing served yet
+    assert champion_decision(0.995, 0.99, 0.0)  # better
+    assert champion_decision(0.99, 0.99, 0.0)  # equal
+    assert champion_decision(0.9895, 0.99, 0.001)  # worse, but within the tolerance
+    assert not champion_decision(0.9885, 0.99, 0.001)  # worse
+    assert not champion_decision(0.9899, 0.99, 0.0)
+
+
+def _trained_state(model_dir: Path) -> dict:
+    """A finished run's state holding the weights and history published in ``model_dir``."""
+    meta = json.loads((model_dir / "model.json").read_text())
+    return {
+        "model": torch.load(model_dir / "model.pth", weights_only=True),
+        "history": meta["history"],
+        "confusion": torch.tensor(meta["confusion_matrix"]),
+        "resumed": [],
+    }
+
+
+def _files(model_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file() and "ray_results" not in p.parts}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_champion_gate_off_better_and_equal(trained_model_dir: Path, tmp_path: Path, mnist_dir: Path) -> None:
+    """The publish path with real test-set evaluations (worse → exit 3 runs the CLI, below; the tolerance
+    arithmetic is unit-tested above)."""
+    trained = _trained_state(trained_model_dir)
+    untrained = _state(0.995)  # an untrained network whose run claims 99.5 %: the gate measures, not trusts
+    served = tmp_path / "served"
+    shutil.copytree(trained_model_dir, served, ignore=shutil.ignore_patterns("ray_results"))
+    common = [
+        "--model-dir",
+        str(served),
+        "--data-dir",
+        str(mnist_dir),
+        "--min-accuracy",
+        "0",
+        "--val-size",
+        "0",
+    ]
+
+    # Worse, with the gate off: published.
+    assert publish(parse_args([*common, "--champion-gate", "off"]), untrained, 1.0) == EXIT_PUBLISHED
+    assert load_artifact(served).meta["champion_gate"] == {"gate": "off"}
+    # Better than the served (now untrained) model: published, the comparison recorded.
+    assert publish(parse_args(common), trained, 1.0) == EXIT_PUBLISHED
+    gate = load_artifact(served).meta["champion_gate"]
+    assert gate["gate"] == "on" and gate["tolerance"] == 0.001
+    assert gate["champion_accuracy"] < 0.5 < 0.9 < gate["challenger_accuracy"]
+    # Equal (the same weights again), with no tolerance at all: published.
+    assert publish(parse_args([*common, "--champion-tolerance", "0"]), trained, 1.0) == EXIT_PUBLISHED
+    gate = load_artifact(served).meta["champion_gate"]
+    assert gate["challenger_accuracy"] == gate["champion_accuracy"] > 0.9
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_worse_run_exits_3_and_publishes_nothing(
+    trained_model_dir: Path, tmp_path: Path, mnist_dir: Path
+) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model_dir, model_dir, ignore=shutil.ignore_patterns("ray_results"))
+    before = _files(model_dir)
+    # --smoke: 2,000 images and 1 epoch, far below the session model; its accuracy gate is off, this one is not.
+    done = run_train("--model-dir", str(model_dir), "--data-dir", str(mnist_dir), "--smoke")
+    assert done.returncode == EXIT_WORSE_THAN_CHAMPION, done.stderr[-3000:]
+    assert "worse than the current model" in done.stderr and "model not published" in done.stderr
+    assert _files(model_dir) == before
 
 
 @pytest.mark.integration

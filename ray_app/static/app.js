@@ -1,5 +1,6 @@
 // The page: draw or upload a digit, send it to POST predict as a PNG, show the digit, the ten probabilities,
-// the 28x28 image the model saw, and the model card from GET model.
+// the 28x28 image the model saw, a "not sure" note with the two likeliest digits when the answer is not
+// confident, and the model card from GET model.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -31,7 +32,20 @@ function renderBars(probs) {
   }));
 }
 
+function showConfidence(confident, probs) {
+  $("digit").classList.toggle("unsure", !confident);
+  $("unsure").hidden = confident;
+  if (confident) return;
+  const [first, second] = probs.map((p, digit) => ({ p, digit })).sort((a, b) => b.p - a.p);
+  $("unsure-text").replaceChildren(
+    "Most likely ", Object.assign(document.createElement("b"), { textContent: first.digit }),
+    ` (${percent(first.p)}) or `, Object.assign(document.createElement("b"), { textContent: second.digit }),
+    ` (${percent(second.p)}).`,
+  );
+}
+
 function showError(message) {
+  showConfidence(true, []);
   $("digit").textContent = "–";
   $("bars").replaceChildren();
   $("seen").hidden = true;
@@ -69,6 +83,7 @@ async function predict(blob, filename) {
   }
   $("digit").textContent = body.prediction;
   renderBars(body.probs);
+  showConfidence(body.confident !== false, body.probs); // a server without the field: confident
   if (body.input_png) {
     $("seen-img").src = `data:image/png;base64,${body.input_png}`;
     $("seen").hidden = false;
@@ -202,6 +217,11 @@ async function loadModelCard() {
   shownVersion = card.version;
   const facts = [["version", card.version]];
   if (card.test_accuracy != null) facts.push(["test accuracy", percent(card.test_accuracy)]);
+  const calibration = card.calibration;
+  if (calibration?.test) {
+    facts.push(["calibration", `temperature ${calibration.temperature.toFixed(3)}, test ECE ` +
+      `${percent(calibration.test.ece_before)} → ${percent(calibration.test.ece_after)}`]);
+  }
   if (card.created_at) facts.push(["trained", new Date(card.created_at).toLocaleString()]);
   if (card.epochs != null) {
     const images = card.train_images ? ` on ${card.train_images.toLocaleString()} images` : "";
