@@ -315,39 +315,54 @@ class _Worker:
 
     def call(self, data: bytes, limits: Limits, timeout_s: float) -> bytes:
         """Decode in the worker: b'O'+pixels, b'E'+status+detail, b'T' (overran: killed and replaced),
-        b'U' (worker unavailable), b'C' (worker crashed: replaced)."""
+        b'U' (no worker available), b'C' (the worker died on this image: replaced)."""
         with self._lock:
-            assert self._proc is not None and self._conn is not None
             if self._stopped:
                 return b"U"
-            if self._proc.poll() is not None:
-                self._restart()
+            request = pickle.dumps((data, limits, timeout_s), pickle.HIGHEST_PROTOCOL)
+            for _attempt in range(2):  # a worker found dead before it got the image is replaced once
+                if not self._start_if_needed():
+                    return b"U"
+                try:
+                    self._conn.send_bytes(request)  # type: ignore[union-attr]
+                    break
+                except OSError as exc:
+                    log.warning("decode worker %s was gone (%s); replacing it", self.pid, exc)
+                    self._restart()
+            else:
+                return b"U"
             try:
-                if not self._ready:
-                    if not self._conn.poll(STARTUP_TIMEOUT_S) or self._conn.recv_bytes() != b"R":
-                        log.error("decode worker %s did not start; replacing it", self._proc.pid)
-                        self._restart()
-                        return b"U"
-                    self._ready = True
-                self._conn.send_bytes(pickle.dumps((data, limits, timeout_s), pickle.HIGHEST_PROTOCOL))
-                if not self._conn.poll(timeout_s):
+                if not self._conn.poll(timeout_s):  # type: ignore[union-attr]
                     log.warning(
-                        "decode worker %s overran %.2f s; killing and replacing it", self._proc.pid, timeout_s
+                        "decode worker %s overran %.2f s; killing and replacing it", self.pid, timeout_s
                     )
                     self._restart()
                     return b"T"
-                return self._conn.recv_bytes(maxlength=1 << 16)
+                return self._conn.recv_bytes(maxlength=1 << 16)  # type: ignore[union-attr]
             except (EOFError, OSError) as exc:
                 if self._stopped:
                     return b"U"
-                log.warning(
-                    "decode worker %s failed (%s, exit %s); replacing it",
-                    self._proc.pid,
-                    exc,
-                    self._proc.poll(),
-                )
+                log.warning("decode worker %s died on an image (%s); replacing it", self.pid, exc)
                 self._restart()
                 return b"C"
+
+    def _start_if_needed(self) -> bool:
+        """Make sure a started, ready process is there (replacing a dead one); False if none becomes ready."""
+        assert self._proc is not None and self._conn is not None
+        if self._proc.poll() is not None:
+            self._restart()
+        if self._ready:
+            return True
+        try:
+            ready = self._conn.poll(STARTUP_TIMEOUT_S) and self._conn.recv_bytes() == b"R"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            log.error("decode worker %s did not start; replacing it", self.pid)
+            self._restart()
+            return False
+        self._ready = True
+        return True
 
 
 # The worker process

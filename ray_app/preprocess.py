@@ -89,7 +89,7 @@ class Limits:
         pixels = self.max_pixels
         if isinstance(pixels, int):
             pixels = dict.fromkeys(FORMATS, pixels)
-        if not isinstance(pixels, dict) or not set(pixels) <= set(FORMATS):
+        if not isinstance(pixels, dict) or not {str(k).upper() for k in pixels} <= set(FORMATS):
             raise ValueError(f"invalid limits: max_pixels keys must be among {list(FORMATS)}: {pixels}")
         object.__setattr__(self, "max_pixels", {**MAX_PIXELS, **{k.upper(): v for k, v in pixels.items()}})
         counts = (self.max_decode_mib, self.max_jpeg_scans, self.max_segments, self.max_png_chunks)
