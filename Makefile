@@ -45,10 +45,10 @@ test-deps:  ## as root with apt-get: install the Debian packages some tests use;
 	else echo "some tests skip without /usr/bin/chromium, wrk, DejaVu and Liberation fonts, ss and ps"; fi
 
 bench: install  ## benchmarks: Ray Serve vs the seed-style server, Ray Train vs plain PyTorch, hostile uploads (bench/results/)
-	$(BIN)/python bench/serve_bench.py --model-dir $(MODEL_DIR) && $(BIN)/python bench/train_bench.py --data-dir $${MNIST_DATA_DIR:-$(MODEL_DIR)/data} && $(BIN)/python -m bench.hostile --model-dir $(MODEL_DIR)
+	$(BIN)/python -m bench.serve_bench --model-dir $(MODEL_DIR) && $(BIN)/python -m bench.train_bench --data-dir $${MNIST_DATA_DIR:-$(MODEL_DIR)/data} && $(BIN)/python -m bench.hostile --model-dir $(MODEL_DIR)
 
 soak: install  ## 5 minutes at concurrency 32 against a fresh `serve run` (bench/results/soak.*)
-	$(BIN)/python bench/soak.py --model-dir $(MODEL_DIR)
+	$(BIN)/python -m bench.soak --model-dir $(MODEL_DIR)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

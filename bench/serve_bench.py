@@ -1,7 +1,7 @@
 """Serving benchmark: this project's Ray Serve app against a reproduction of the seed's server, driven by wrk.
 
-    python bench/serve_bench.py            # full run (about 4 min): bench/results/serve.{json,md,png}
-    python bench/serve_bench.py --smoke    # a few seconds per level, results in a temporary folder
+    python -m bench.serve_bench            # full run (about 4 min): bench/results/serve.{json,md,png}
+    python -m bench.serve_bench --smoke    # a few seconds per level, results in a temporary folder
 
 One server at a time on the same cores, the same model (``MODEL_DIR``, default ``./model``), the same sample
 PNG and the same load (``wrk`` + ``bench/predict.lua``) at each concurrency after a warm-up:
@@ -22,18 +22,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,14 +37,21 @@ from typing import Any
 import ray
 import torch
 import yaml
-from filelock import FileLock
 
 from ray_app.model import load_artifact
 from ray_app.serve import LoadedModel
+from tests.serving import (
+    DEFAULT_INGRESS,
+    SERVE_CONFIG,
+    dashboard_address,
+    launched,
+    port_free,
+    running_serve_app,
+)
+from tests.serving import progress as log
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "bench" / "predict.lua"
-SERVE_CONFIG = ROOT / "ray_app" / "serve_config.yaml"
 SEED_SERVER = ROOT / "bench" / "seed_server.py"
 BASELINE, OURS = "baseline", "ray_serve"
 LABELS = {BASELINE: "seed-style FastAPI + uvicorn", OURS: "Ray Serve (this project)"}
@@ -74,8 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ingress",
         choices=("haproxy", "proxy"),
-        default="haproxy" if sys.platform == "linux" else "proxy",
-        help="Ray Serve ingress: HAProxy (as `make serve` on Linux) or Serve's Python proxy",
+        default=DEFAULT_INGRESS,
+        help="Ray Serve ingress: HAProxy (as `make serve` on Linux, the default there) or Serve's Python proxy",
     )
     p.add_argument("--port-wait", type=float, default=600, help="seconds to wait for Serve's port to be free")
     p.add_argument("--startup-timeout", type=float, default=300, help="seconds allowed for a server to start")
@@ -89,11 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args.out = Path(args.out) if args.out else default_out
     return args
-
-
-def log(message: str) -> None:
-    """Progress on stderr with a timestamp."""
-    print(f"{datetime.now():%H:%M:%S} {message}", file=sys.stderr, flush=True)
 
 
 def machine() -> dict[str, Any]:
@@ -115,103 +113,6 @@ def machine() -> dict[str, Any]:
         "ray": ray.__version__,
         "torch": torch.__version__,
     }
-
-
-# ---- processes
-def port_free(port: int) -> bool:
-    """True when nothing accepts connections on 127.0.0.1:``port``."""
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def free_port() -> int:
-    """A port the OS says is unused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def listener_pids(port: int) -> list[int]:
-    """PIDs of the processes listening on TCP ``port``."""
-    out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
-    return [int(pid) for pid in re.findall(r"pid=(\d+)", out)]
-
-
-def port_lock_path(port: int) -> Path:
-    """The lock file with which Serve runs on this machine (benchmarks and tests) take turns on ``port``."""
-    return Path(tempfile.gettempdir()) / f"ray-mnist-serve-port-{port}.lock"
-
-
-def dashboard_address(log_path: Path) -> str:
-    """The Ray dashboard address that ``serve run`` logged ("" until it has)."""
-    found = re.search(r"dashboard at \S*?(http://[\d.]+:\d+)", log_path.read_text(errors="replace"))
-    return found.group(1) if found else ""
-
-
-class PortTaken(RuntimeError):
-    """Another program listens on the port a server needs (other Serve apps on this machine)."""
-
-
-def session_pids(session: int) -> list[int]:
-    """Every process in a session (a server started with ``start_new_session`` and all it spawned)."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return [int(pid) for pid, sid in (line.split() for line in out.splitlines()) if int(sid) == session]
-
-
-def _default_sigint() -> None:
-    """In the child before exec: take SIGINT back even when this process was started with it ignored (in the
-    background), so the SIGINT that stops a server is not lost."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-@contextmanager
-def launched(
-    name: str,
-    cmd: list[str],
-    env: dict[str, str],
-    log_path: Path,
-    port: int,
-    ready: Callable[[], bool],
-    timeout_s: float,
-) -> Iterator[subprocess.Popen]:
-    """Start ``cmd`` in its own session, wait until it listens on ``port`` and ``ready()``; on exit stop it and
-    everything it spawned. Raises :class:`PortTaken` when another program took ``port`` first."""
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_default_sigint,
-        )
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not (set(listener_pids(port)) & set(session_pids(proc.pid)) and ready()):
-            text = log_path.read_text(errors="replace")
-            clash = any("already in use" in line and f":{port}" in line for line in text.splitlines())
-            if clash or (proc.poll() is not None and not port_free(port)):
-                raise PortTaken(f"{name}: port {port} was taken by another program")
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited {proc.returncode}:\n{text[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not ready in {timeout_s:g} s:\n{text[-3000:]}")
-            time.sleep(1)
-        log(f"{name} ready (pid {proc.pid})")
-        yield proc
-    finally:
-        for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            if proc.poll() is not None:
-                break
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with suppress(subprocess.TimeoutExpired):
-                proc.wait(wait_s)
-        for pid in session_pids(proc.pid):
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        log(f"{name} stopped")
 
 
 # ---- HTTP and load
@@ -320,25 +221,6 @@ def run_baseline(args: argparse.Namespace, sample: Path, tmp: Path) -> dict[str,
         }
 
 
-def serve_env(ray_tmp: str, ingress: str) -> dict[str, str]:
-    """Environment of ``serve run``: a fresh Ray (never someone else's), the chosen ingress with private files."""
-    env = {
-        **os.environ,
-        "RAY_TMPDIR": ray_tmp,
-        "RAY_SERVE_ENABLE_HA_PROXY": "1" if ingress == "haproxy" else "0",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{ray_tmp}/haproxy/haproxy.cfg",
-        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{ray_tmp}/haproxy/admin.sock",
-        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": f"{ray_tmp}/haproxy",
-        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{ray_tmp}/haproxy/server-state",
-        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{ray_tmp}/haproxy/metrics.sock",
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-    }
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 def app_running(log_path: Path, env: dict[str, str]) -> bool:
     """True once ``serve status`` (asked on the dashboard address ``serve run`` logged) says RUNNING."""
     address = dashboard_address(log_path)
@@ -370,42 +252,28 @@ def serve_settings() -> dict[str, Any]:
     }
 
 
-def run_ours(args: argparse.Namespace, sample: Path, tmp: Path) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, sample: Path) -> dict[str, Any]:
     """``serve run`` the Serve config, load it (single images, then many per request), stop it."""
     settings = serve_settings()
-    port = settings["port"]
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "ray.serve.scripts", "run", str(SERVE_CONFIG)]
-    log_path = tmp / "serve_run.log"
-    deadline = time.monotonic() + args.port_wait
-    while True:
-        while not port_free(port):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"port {port} still busy after {args.port_wait:g} s")
-            log(f"port {port} busy; waiting")
-            time.sleep(10)
-        # A short folder: Ray's socket paths must fit in 107 bytes.
-        ray_tmp = tempfile.mkdtemp(prefix="sb-", dir="/tmp")
-        env = {**serve_env(ray_tmp, args.ingress), "MODEL_DIR": args.model_dir}
+    base = f"http://127.0.0.1:{settings['port']}"
 
-        def ready(env: dict[str, str] = env) -> bool:
-            return post_image(f"{base}/predict", sample)[0] == 200 and app_running(log_path, env)
+    def ready(log_path: Path, env: dict[str, str]) -> bool:
+        return post_image(f"{base}/predict", sample)[0] == 200 and app_running(log_path, env)
 
-        try:
-            with launched("ray serve", cmd, env, log_path, port, ready, args.startup_timeout):
-                prediction = post_image(f"{base}/predict", sample)[1].get("prediction")
-                levels = load_levels(OURS, f"{base}/predict", args, sample)
-                log(f"{OURS}: /predict/batch, {args.batch_images} images/request, c={args.batch_concurrency}")
-                batch_url = f"{base}/predict/batch"
-                wrk(batch_url, args.batch_concurrency, args.warmup, sample, args.batch_images)
-                batch = wrk(batch_url, args.batch_concurrency, args.duration, sample, args.batch_images)
-            break
-        except PortTaken as exc:
-            if time.monotonic() > deadline:
-                raise
-            log(f"{exc}; trying again")
-        finally:
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+    with running_serve_app(
+        Path(args.model_dir).resolve(),
+        timeout_s=args.startup_timeout,
+        lock_timeout_s=args.port_wait,
+        ingress=args.ingress,
+        ready=ready,
+        port_wait_s=args.port_wait,
+    ):
+        prediction = post_image(f"{base}/predict", sample)[1].get("prediction")
+        levels = load_levels(OURS, f"{base}/predict", args, sample)
+        log(f"{OURS}: /predict/batch, {args.batch_images} images/request, c={args.batch_concurrency}")
+        batch_url = f"{base}/predict/batch"
+        wrk(batch_url, args.batch_concurrency, args.warmup, sample, args.batch_images)
+        batch = wrk(batch_url, args.batch_concurrency, args.duration, sample, args.batch_images)
     batch |= {"images_per_request": args.batch_images, "images_per_s": batch["rps"] * args.batch_images}
     return {
         "label": LABELS[OURS],
@@ -592,9 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"raw forward pass: {results['raw_forward']}")
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         results[BASELINE] = run_baseline(args, sample, Path(tmp))
-        # Serve runs on this machine (the tests too) take turns on the port through this lock.
-        with FileLock(port_lock_path(serve_settings()["port"]), timeout=args.port_wait):
-            results[OURS] = run_ours(args, sample, Path(tmp))
+    results[OURS] = run_ours(args, sample)  # takes the port lock Serve runs on this machine share
     results["load_average_after"] = round(os.getloadavg()[0], 2)
     summarize(results)
     (args.out / "serve.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,8 +1,8 @@
 """Soak test: sustained ``/predict`` load from ``wrk`` in windows: errors, p50/p99 per window, replica memory.
 
-    python bench/soak.py                   # 5 min at concurrency 32 against a `serve run` it starts (MODEL_DIR)
-    python bench/soak.py --url http://host:8000 --token "$PREDICT_TOKEN"   # against a running service
-    python bench/soak.py --smoke           # 10 s, results in a temporary folder
+    python -m bench.soak                   # 5 min at concurrency 32 against a `serve run` it starts (MODEL_DIR)
+    python -m bench.soak --url http://host:8000 --token "$PREDICT_TOKEN"   # against a running service
+    python -m bench.soak --smoke           # 10 s, results in a temporary folder
 
 Writes ``soak.json`` and ``soak.md`` (default ``bench/results``). Replica memory is the RSS of the
 ``ServeReplica:mnist:MNISTClassifier`` processes on this machine (only those of the Ray started here, or of
@@ -27,11 +27,8 @@ from typing import Any
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.serve_bench import wrk  # noqa: E402
-from tests.serving import running_serve_app  # noqa: E402  (the tests' `serve run`: starts and stops it)
+from bench.serve_bench import wrk
+from tests.serving import ROOT, running_serve_app
 
 REPLICA = "ServeReplica:mnist:MNISTClassifier"
 

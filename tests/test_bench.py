@@ -7,9 +7,7 @@ well-formed results. Nothing here asserts speed; the numbers come from ``make be
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,25 +15,20 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, require
+from tests.serving import port_free
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def run_bench(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
-    """``python bench/<script> --smoke ...`` from the project root."""
+    """``python -m bench.<script> --smoke ...`` from the project root."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--smoke", *args],
+        [sys.executable, "-m", f"bench.{script.removesuffix('.py')}", "--smoke", *args],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=timeout,
     )
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
 @pytest.mark.integration

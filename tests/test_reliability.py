@@ -504,7 +504,7 @@ def test_auth_over_http(guarded: Guarded) -> None:
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_soak_smoke_every_request_succeeds(guarded: Guarded, tmp_path: Path) -> None:
-    command = [sys.executable, str(ROOT / "bench" / "soak.py"), "--smoke", "--url", guarded.url]
+    command = [sys.executable, "-m", "bench.soak", "--smoke", "--url", guarded.url]
     command += ["--token", TOKEN, "--ray-tmpdir", guarded.ray_tmp, "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     print(done.stdout)
