@@ -96,7 +96,6 @@ class Decoder:
         self._workers: list[_Worker] = []
         self._idle: list[_Worker] = []
         self._bytes_in_flight = 0
-        self._released = asyncio.Event()
         self._executor = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="decode-ipc")
 
     def start(self) -> None:
@@ -191,6 +190,7 @@ class Decoder:
         lanes = [self._idle.pop() for _ in range(min(len(jobs), len(self._idle)))]
         queue = list(reversed(jobs))
         held = 0  # bytes this request holds
+        released = asyncio.Event()  # one of this request's lanes gave its share back
 
         async def lane(worker: _Worker) -> None:
             nonlocal held
@@ -202,8 +202,8 @@ class Decoder:
                             raise DecodeBusy(
                                 f"this replica is decoding {self._bytes_in_flight >> 20} MiB of images; retry shortly"
                             )
-                        self._released.clear()
-                        await self._released.wait()  # another lane of this request frees its share
+                        released.clear()
+                        await released.wait()  # another lane of this request frees its share
                     self._bytes_in_flight += header.decode_bytes
                     held += header.decode_bytes
                     try:
@@ -211,7 +211,7 @@ class Decoder:
                     finally:
                         self._bytes_in_flight -= header.decode_bytes
                         held -= header.decode_bytes
-                        self._released.set()
+                        released.set()
             finally:
                 self._release(worker)
 
