@@ -38,8 +38,8 @@ import ray
 import torch
 import yaml
 
+from ray_app.inference import LoadedModel
 from ray_app.model import load_artifact
-from ray_app.serve import LoadedModel
 from tests.serving import (
     DEFAULT_INGRESS,
     SERVE_CONFIG,

@@ -190,6 +190,17 @@ def _serialize(state_dict: dict[str, torch.Tensor]) -> bytes:
     return buffer.getvalue()
 
 
+def files_signature(model_dir: str | Path) -> tuple[int, ...] | None:
+    """Cheap "did the model change" check for the pair ``load_artifact`` reads: inode, mtime and size of
+    ``model.json`` and ``model.pth`` (None while either is missing)."""
+    model_dir = Path(model_dir)
+    try:
+        meta, weights = os.stat(model_dir / METADATA), os.stat(model_dir / WEIGHTS)
+    except OSError:
+        return None
+    return (meta.st_ino, meta.st_mtime_ns, meta.st_size, weights.st_ino, weights.st_mtime_ns, weights.st_size)
+
+
 def load_artifact(model_dir: str | Path, retries: int = 3, retry_delay_s: float = 0.2) -> Artifact:
     """Load and validate ``model.pth`` + ``model.json``; raise :class:`ArtifactError` saying what is wrong.
 

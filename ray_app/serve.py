@@ -1,5 +1,9 @@
 """Ray Serve application: the MNIST classifier behind a FastAPI ingress, with batching and hot model reload.
 
+This module holds the runtime settings (``user_config``), the replica's metrics, the HTTP API and the deployment;
+the model itself (loading, hot reload, predictions) is Serve-free in ``ray_app.inference``, request bodies are read
+by ``ray_app.multipart`` and images decoded by ``ray_app.decode``.
+
 Usage:
     MODEL_DIR=./model serve run ray_app/serve_config.yaml     # what `make serve` runs
     curl -s -X POST -F "file=@samples/zero.png" http://localhost:8000/predict
@@ -13,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import hmac
 import io
 import json
@@ -22,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import ray
@@ -36,11 +39,10 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ray_app.decode import DecodeBudget, DecodeBusy, Decoder, ItemError
-from ray_app.model import DEFAULT_MODEL_DIR, METADATA, WEIGHTS, Artifact, ArtifactError, load_artifact
+from ray_app.inference import ModelSlot, ModelUnavailable, Prediction
+from ray_app.model import DEFAULT_MODEL_DIR
 from ray_app.multipart import FormLimits, Part, read_form
 from ray_app.preprocess import InputError, Limits
 
@@ -182,163 +184,6 @@ class ServeMetrics:
         reason = rejection_reason(status_code, detail, from_image)
         if reason is not None:
             self.rejected.inc(1, {"reason": reason})
-
-
-# The model and its hot reload
-CARD_KEYS = (  # model.json keys shown by ``GET /model`` (the history and confusion matrix stay in the file)
-    "version",
-    "architecture",
-    "test_accuracy",
-    "per_digit_accuracy",
-    "created_at",
-    "run_name",
-    "epochs",
-    "resumed_from_epochs",
-    "train_images",
-    "num_workers",
-    "cpus_per_worker",
-    "batch_size",
-    "lr",
-    "wall_time_s",
-    "ray_version",
-    "torch_version",
-    "data_sha256",
-)
-
-
-class Prediction(NamedTuple):
-    """One image's result."""
-
-    digit: int
-    probs: list[float]
-    model_version: str
-
-
-class ModelUnavailable(RuntimeError):
-    """No model has been loaded yet; the message says why."""
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A validated model plus the normalisation it was trained with."""
-
-    model: nn.Module
-    version: str
-    scale: float  # x_normalised = pixel * scale - shift  ==  (pixel / 255 - mean) / std
-    shift: float
-    card: dict[str, Any] = field(default_factory=dict)  # what ``GET /model`` shows
-
-    @classmethod
-    def from_artifact(cls, artifact: Artifact) -> LoadedModel:
-        """Wrap a loaded artifact and run a warm-up forward pass that must give finite probabilities."""
-        norm = artifact.meta["normalization"]
-        mean, std = float(norm["mean"]), float(norm["std"])
-        model = _for_inference(artifact.model)
-        card = {key: artifact.meta[key] for key in CARD_KEYS if key in artifact.meta}
-        loaded = cls(model, str(artifact.meta["version"]), 1.0 / (255.0 * std), mean / std, card)
-        (warm,) = loaded.predict([np.zeros((28, 28), np.uint8)])
-        if not all(np.isfinite(warm.probs)):
-            raise ArtifactError(f"model {loaded.version} gives non-finite outputs")
-        return loaded
-
-    def predict(self, images: list[np.ndarray]) -> list[Prediction]:
-        """Classify 28x28 uint8 images (white ink on black) in one forward pass."""
-        batch = torch.from_numpy(np.stack(images)).unsqueeze(1).float()
-        batch = batch.mul_(self.scale).sub_(self.shift).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            probs = torch.softmax(self.model(batch), dim=1)
-        digits = probs.argmax(dim=1).tolist()
-        return [
-            Prediction(digit, [round(p, 6) for p in row], self.version)
-            for digit, row in zip(digits, probs.tolist(), strict=True)
-        ]
-
-
-def _for_inference(model: nn.Module) -> nn.Module:
-    """A copy of an eval-mode model made faster on CPU: each BatchNorm folded into the convolution before it,
-    weights in channels_last layout. A max-pool between the two commutes with the BatchNorm's per-channel
-    affine map when every scale is positive; otherwise that BatchNorm stays."""
-    model = copy.deepcopy(model).eval()
-    for sequence in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for i, norm in enumerate(sequence):
-            if not isinstance(norm, nn.BatchNorm2d):
-                continue
-            j = i - 1
-            while j > 0 and isinstance(sequence[j], nn.MaxPool2d):
-                j -= 1
-            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-            if j >= 0 and isinstance(sequence[j], nn.Conv2d) and (j == i - 1 or bool((scale > 0).all())):
-                sequence[j], sequence[i] = fuse_conv_bn_eval(sequence[j], norm), nn.Identity()
-    return model.to(memory_format=torch.channels_last)
-
-
-def _files_signature(model_dir: Path) -> tuple[int, ...] | None:
-    """Cheap change detector for the model pair: inode, mtime and size of both files (None if missing)."""
-    try:
-        meta, weights = os.stat(model_dir / METADATA), os.stat(model_dir / WEIGHTS)
-    except OSError:
-        return None
-    return (meta.st_ino, meta.st_mtime_ns, meta.st_size, weights.st_ino, weights.st_mtime_ns, weights.st_size)
-
-
-class ModelSlot:
-    """The model a replica serves, and the reason a newer one in ``model_dir`` is not in use.
-
-    ``poll`` (blocking; call it off the event loop) loads a changed pair and swaps it in only after a
-    successful load and warm-up, so a bad new file leaves the last good model serving.
-    """
-
-    def __init__(self, model_dir: Path) -> None:
-        self.model_dir = model_dir
-        self.current: LoadedModel | None = None
-        self.problem: str | None = f"model in {model_dir} not checked yet"
-        self.warning: str | None = None  # the model is in use, but its files on disk are damaged
-        self._seen: tuple[int, ...] | None | str = "never"
-
-    def poll(self) -> bool:
-        """Load the model pair if its files changed since the last attempt; return True on a swap."""
-        signature = _files_signature(self.model_dir)
-        if signature == self._seen:
-            return False
-        self._seen = signature
-        try:
-            artifact = load_artifact(self.model_dir)
-            loaded = LoadedModel.from_artifact(artifact)
-        except Exception as exc:  # ArtifactError, or anything torch raises on a damaged file
-            self.problem = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
-            if self.current is None:
-                log.warning("no model to serve: %s", self.problem)
-            else:
-                log.error("keeping model %s: %s", self.current.version, self.problem)
-            return False
-        self.problem, self.warning = None, artifact.warning
-        if self.current is not None and loaded.version == self.current.version:
-            return False
-        previous, self.current = self.current, loaded
-        log.info("serving model %s (was %s)", loaded.version, previous.version if previous else "none")
-        return True
-
-    def require(self) -> LoadedModel:
-        """The current model, or ``ModelUnavailable`` saying why there is none."""
-        current = self.current
-        if current is None:
-            raise ModelUnavailable(self.problem or "no model loaded")
-        return current
-
-    def health(self) -> tuple[int, dict[str, Any]]:
-        """HTTP status and body for ``/healthz``."""
-        current, problem, warning = self.current, self.problem, self.warning
-        if current is None:
-            return 503, {"status": "unavailable", "detail": problem or "no model loaded"}
-        body: dict[str, Any] = {"status": "ok", "model_version": current.version}
-        if problem:
-            body |= {
-                "status": "degraded",
-                "detail": f"serving {current.version}; newer files rejected: {problem}",
-            }
-        elif warning:
-            body |= {"status": "degraded", "detail": f"serving {current.version}; {warning}"}
-        return 200, body
 
 
 # The FastAPI application
@@ -655,7 +500,7 @@ class MNISTClassifier:
             except Exception:  # never let a surprise end the watcher; the next poll retries
                 log.exception("model poll failed")
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=Settings.max_batch_size, batch_wait_timeout_s=Settings.batch_wait_timeout_s)
     async def classify(self, images: list[np.ndarray]) -> list[Prediction]:
         """Classify a batch of 28x28 uint8 images with the current model."""
         return infer(self.slot, self.metrics, images)

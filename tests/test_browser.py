@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from tests.conftest import require
+from tests.helpers import BLANK, SAMPLES
 from tests.serving import Served
-from tests.test_serve import BLANK, SAMPLES
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
