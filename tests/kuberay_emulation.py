@@ -32,7 +32,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.test_kuberay import ROOT, cluster_spec, cpus, groups
+from tests.kuberay_manifests import ROOT, cluster_spec, cpus, groups
 
 MARKER = "KUBERAY_EMULATION_ID"
 TERMINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}

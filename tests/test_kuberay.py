@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import functools
 import importlib
 import os
@@ -38,26 +39,28 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.conftest import kuberay_crds_dir, require
+from tests.kuberay_manifests import (
+    KUBERAY,
+    MANIFESTS,
+    MULTI_MANIFESTS,
+    ROOT,
+    cluster_spec,
+    cpus,
+    groups,
+    job_env,
+    load_manifests,
+    load_yaml,
+    ray_containers,
+    ray_cpus,
+    serve_config,
+    volume_mounts,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-KUBERAY = ROOT / "kuberay"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 SERVE_CONFIG = ROOT / "ray_app" / "serve_config.yaml"
 PYPROJECT = ROOT / "pyproject.toml"
 CONSTRAINTS = ROOT / "constraints.txt"
-# Single-document manifests, by kind.
-MANIFESTS = {
-    "PersistentVolumeClaim": KUBERAY / "volume" / "pvc.yaml",
-    "RayJob": KUBERAY / "training" / "ray-job.mnist-train.yaml",
-    "RayService": KUBERAY / "serving" / "ray-service.mnist.yaml",
-    "PodDisruptionBudget": KUBERAY / "serving" / "pdb.yaml",
-    "Secret": KUBERAY / "serving" / "redis-secret.yaml",
-    "RayCronJob": KUBERAY / "retrain" / "raycronjob.mnist-retrain.yaml",
-    "Job": KUBERAY / "rollback" / "job.mnist-rollback.yaml",
-}
-# Multi-document manifests: their objects are keyed "Kind/name".
-MULTI_MANIFESTS = [KUBERAY / "serving" / "redis.yaml", KUBERAY / "serving" / "networkpolicy.yaml"]
 NOT_MANIFESTS = {"kustomization.yaml", "operator-values.yaml"}  # kustomize and Helm inputs
 # What each kustomization renders, as (kind, name); serving and the schedule never create a RayJob.
 KUSTOMIZATIONS = {
@@ -99,29 +102,11 @@ EXAMPLE_NODE = {"cpu": 3.4, "memory": 12 * 2**30}
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
-    """The single YAML document in ``path``."""
-    (doc,) = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    return doc
-
-
 def required_file(path: Path) -> str:
     """Text of a file another part of the project provides; fail with a clear message if it is missing."""
     if not path.is_file():
         pytest.fail(f"{path.relative_to(ROOT)} does not exist yet; this check needs it")
     return path.read_text()
-
-
-def load_manifests() -> dict[str, dict[str, Any]]:
-    """Every manifest in kuberay/: single documents by kind, those of multi-document files by "Kind/name"."""
-    docs = {kind: load_yaml(path) for kind, path in MANIFESTS.items()}
-    assert {kind: doc["kind"] for kind, doc in docs.items()} == {kind: kind for kind in docs}
-    for path in MULTI_MANIFESTS:
-        for doc in yaml.safe_load_all(path.read_text()):
-            key = f"{doc['kind']}/{doc['metadata']['name']}"
-            assert key not in docs, key
-            docs[key] = doc
-    return docs
 
 
 @pytest.fixture(scope="module")
@@ -157,50 +142,6 @@ def test_every_manifest_says_how_to_apply_it() -> None:
             line for line in header.splitlines() if re.search(r"kubectl (apply|create|kustomize) ", line)
         ]
         assert any(f"kuberay/{path.parent.name}/" in line for line in commands), path
-
-
-def cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
-    """The RayCluster spec embedded in a RayJob, a RayCronJob's job template or a RayService."""
-    if doc["kind"] == "RayCronJob":
-        return doc["spec"]["jobTemplate"]["rayClusterSpec"]
-    return doc["spec"]["rayClusterSpec" if doc["kind"] == "RayJob" else "rayClusterConfig"]
-
-
-def groups(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(name, group spec) of the head group and of every worker group."""
-    spec = cluster_spec(doc)
-    yield "head", spec["headGroupSpec"]
-    for group in spec["workerGroupSpecs"]:
-        yield group["groupName"], group
-
-
-def ray_containers(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(group name, Ray container) for every group: KubeRay treats the first container as the Ray one."""
-    for name, group in groups(doc):
-        yield name, group["template"]["spec"]["containers"][0]
-
-
-def job_env(rayjob: dict[str, Any]) -> dict[str, Any]:
-    """``env_vars`` of the RayJob's runtime environment."""
-    return yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"]
-
-
-def serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
-    """The RayService's ``serveConfigV2``, parsed."""
-    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
-
-
-def cpus(container: dict[str, Any]) -> int:
-    """The container's CPU limit as the whole number Ray advertises."""
-    return int(container["resources"]["limits"]["cpu"])
-
-
-def ray_cpus(group: dict[str, Any]) -> int:
-    """CPUs a pod of the group advertises to Ray: ``num-cpus`` if set, else the container's CPU limit."""
-    params = group.get("rayStartParams", {})
-    return (
-        int(params["num-cpus"]) if "num-cpus" in params else cpus(group["template"]["spec"]["containers"][0])
-    )
 
 
 def quantity(value: str | int | float) -> float:
@@ -849,19 +790,6 @@ def model_dir() -> str:
     return module_constant(ROOT / "ray_app" / "model.py", "DEFAULT_MODEL_DIR")
 
 
-def volume_mounts(doc: dict[str, Any], claim: str) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
-    """(group, volume, mount) of ``claim`` in the Ray container of every group (fails where it is missing)."""
-    for name, group in groups(doc):
-        pod = group["template"]["spec"]
-        volumes = [
-            v for v in pod.get("volumes", []) if v.get("persistentVolumeClaim", {}).get("claimName") == claim
-        ]
-        assert len(volumes) == 1, f"{doc['kind']} {name}: claim {claim} not mounted"
-        mounts = [m for m in pod["containers"][0].get("volumeMounts", []) if m["name"] == volumes[0]["name"]]
-        assert len(mounts) == 1, f"{doc['kind']} {name}: volume {volumes[0]['name']} not mounted"
-        yield name, volumes[0], mounts[0]
-
-
 def test_model_volume(manifests: dict[str, dict[str, Any]]) -> None:
     """One RWX claim at the code's model directory on every pod: read-write to train, read-only to serve."""
     pvc = manifests["PersistentVolumeClaim"]
@@ -1029,8 +957,7 @@ def test_rollback_job_command_rolls_back_a_real_model_folder(
 ) -> None:
     """The Job's own command, with the version filled in as its header shows, makes a stored version current
     in a real model folder; the unfilled placeholder fails without touching it."""
-    from ray_app.model import load_artifact, save_artifact
-    from tests.test_model import META, Net
+    from ray_app.model import ModelConfig, Net, load_artifact, save_artifact
 
     job = manifests["Job"]["spec"]
     assert job["backoffLimit"] == 0 and job["template"]["spec"]["restartPolicy"] == "Never"
@@ -1042,7 +969,8 @@ def test_rollback_job_command_rolls_back_a_real_model_folder(
     )
     assert mount["mountPath"] == model_dir() and not mount.get("readOnly")
     assert not volume["persistentVolumeClaim"].get("readOnly")
-    versions = [save_artifact(tmp_path, Net().state_dict(), META) for _ in range(2)]
+    meta = {"config": dataclasses.asdict(ModelConfig())}
+    versions = [save_artifact(tmp_path, Net().state_dict(), meta) for _ in range(2)]
     assert versions[0] != versions[1]
 
     def run(version: str) -> subprocess.CompletedProcess:

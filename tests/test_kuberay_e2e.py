@@ -36,8 +36,8 @@ from filelock import FileLock
 from ray_app.model import METADATA, WEIGHTS, load_artifact
 from tests.conftest import require
 from tests.kuberay_emulation import EmulatedCluster, map_path, submission_id, wait_port_free
+from tests.kuberay_manifests import MANIFESTS, ROOT, load_yaml, serve_config, volume_mounts
 from tests.serving import PORT_LOCK
-from tests.test_kuberay import MANIFESTS, ROOT, load_yaml, serve_config, volume_mounts
 
 SAMPLES = ROOT / "samples"
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
