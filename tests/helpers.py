@@ -183,7 +183,7 @@ class DirectBackend:
         self.slot.poll()
 
     async def classify(self, image: np.ndarray) -> Prediction:
-        (result,) = infer(self.slot, self.metrics, [image])
+        (result,) = infer(self.slot, self.metrics, [image], self.settings.confidence_threshold)
         return result
 
 
@@ -440,3 +440,49 @@ def replica_pids(ray_tmp: str) -> set[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return pids
+
+
+def ray_processes(ray_tmp: str) -> set[int]:
+    """PIDs of every process whose environment says it belongs to the Ray under ``ray_tmp`` (its ``RAY_TMPDIR``)."""
+    pids = set()
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("RAY_TMPDIR") == ray_tmp:
+                pids.add(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+def prometheus_scrape(ray_tmp: Path) -> str:
+    """Everything the Ray cluster under ``ray_tmp`` exports, from the targets its dashboard writes for
+    Prometheus file-based service discovery."""
+    (discovery,) = ray_tmp.glob("ray/session_latest/prom_metrics_service_discovery.json")
+    targets = [t for group in json.loads(discovery.read_text()) for t in group["targets"]]
+    texts = []
+    for target in targets:
+        try:
+            texts.append(httpx.get(f"http://{target}/metrics", timeout=10).text)
+        except httpx.HTTPError:
+            continue
+    return "\n".join(texts)
+
+
+def metric_total(scrape: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (over replicas)."""
+    total = 0.0
+    for match in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", scrape, re.MULTILINE):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def recorded_epoch(model_dir: Path) -> int | None:
+    """The epoch of the latest checkpoint Ray Train recorded for the run under ``model_dir`` (``None`` while
+    there is none or its snapshot is being written)."""
+    try:
+        (snapshot,) = model_dir.glob("ray_results/*/checkpoint_manager_snapshot.json")
+        return json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

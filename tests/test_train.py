@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from ray_app.train import (
     publish,
 )
 from tests.conftest import ROOT, private_ray_env, run_train
+from tests.helpers import recorded_epoch
 
 
 def _accuracy(model: Net, mnist_dir: Path) -> float:
@@ -37,31 +39,42 @@ def _accuracy(model: Net, mnist_dir: Path) -> float:
         return (model.eval()(data.normalize(images)).argmax(1) == labels).float().mean().item()
 
 
-def test_help_states_every_default() -> None:
-    overrides = {"MODEL_DIR", "MNIST_DATA_DIR", "NUM_WORKERS", "BATCH_SIZE", "MIN_ACCURACY", "TRAIN_LIMIT"}
-    env = {k: v for k, v in os.environ.items() if k not in overrides}
+def test_help_states_every_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every option's entry in --help names its env variable and states the default the parser really uses."""
+    names = set(re.findall(r'_env\("(\w+)"', (ROOT / "ray_app" / "train.py").read_text()))
+    env = {k: v for k, v in os.environ.items() if k not in names}  # as without make's exports
     done = subprocess.run(
         [sys.executable, "-m", "ray_app.train", "--help"], capture_output=True, text=True, cwd=ROOT, env=env
     )
     assert done.returncode == 0
-    text = " ".join(done.stdout.split())
-    for flag in (
-        "--model-dir",
-        "--data-dir",
-        "--num-workers",
-        "--cpus-per-worker",
-        "--epochs",
-        "--batch-size",
-    ):
-        assert flag in text
-    for default in (
-        "(default: /mnt/model)",
-        "(default: 2)",
-        "(default: 256)",
-        "(default: 0.99)",
-        "(default: 0)",
-    ):
-        assert default in text
+    entries = {  # first long flag -> its entry on one line
+        re.search(r"--[\w-]+", block).group(0): " ".join(block.split())
+        for block in re.split(r"\n(?=  -)", done.stdout.split("options:", 1)[1])
+        if block.strip()
+    }
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    defaults = vars(parse_args([]))
+    assert {flag[2:].replace("-", "_") for flag in entries} - {"help"} == set(defaults)
+    described = {  # defaults computed from other options, stated in words
+        "--storage-path": ("<model-dir>/ray_results", defaults["storage_path"] == "/mnt/model/ray_results"),
+        "--run-name": ("a new unique name", defaults["run_name"].startswith("mnist-")),
+    }
+    for flag, entry in entries.items():
+        if flag == "--help":
+            continue
+        stated = re.findall(r"\(default: (.*?)\)", entry)
+        assert len(stated) == 1, entry
+        text, holds = described.get(flag, (str(defaults[flag[2:].replace("-", "_")]), True))
+        assert stated[0] == text and holds, (flag, stated[0], text)
+        if flag == "--smoke":
+            continue
+        (variable,) = re.findall(r"\(env (\w+)\)", entry)  # and that variable sets this option
+        dest = flag[2:].replace("-", "_")
+        value = "off" if flag == "--champion-gate" else "/tmp/x" if isinstance(defaults[dest], str) else "7"
+        monkeypatch.setenv(variable, value)
+        assert vars(parse_args([]))[dest] == type(defaults[dest])(value), (flag, variable)
+        monkeypatch.delenv(variable)
 
 
 def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,7 +268,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path: Path, mnist_di
         reader.start()
         try:
             # The controller records a checkpoint in this snapshot a moment after the workers report it.
-            while not list(tmp_path.glob("ray_results/*/checkpoint_manager_snapshot.json")):
+            while (recorded := recorded_epoch(tmp_path)) is None:
                 assert proc.poll() is None, "".join(lines[-40:])
                 time.sleep(0.2)
             workers = _train_workers(psutil.Process(proc.pid))
@@ -269,6 +282,6 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path: Path, mnist_di
     progress = "".join(line for line in lines if any(k in line for k in ("epoch", "rror", "esum", "ailure")))
     assert "resuming from the checkpoint of epoch" in progress, progress
     meta = load_artifact(tmp_path).meta
-    assert meta["resumed_from_epochs"] and meta["resumed_from_epochs"][0] in (1, 2)
+    assert meta["resumed_from_epochs"] == [recorded]  # the checkpoint recorded when the worker died
     assert [h["epoch"] for h in meta["history"]] == [1, 2, 3]
     assert meta["test_accuracy"] > 0.9
