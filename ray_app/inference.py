@@ -1,5 +1,5 @@
-"""Serve-free inference: the loaded model with its normalisation (BatchNorm folded), the model slot with hot reload,
-the prediction type and the model card. Nothing here knows Ray Serve or HTTP.
+"""Serve-free inference: the loaded model with its normalisation (BatchNorm folded) and calibration, the model slot
+with hot reload, the prediction type and the model card. Nothing here knows Ray Serve or HTTP.
 
 Usage:
     slot = ModelSlot(Path("./model")); slot.poll()              # load (and later: swap in a changed model)
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,15 +43,18 @@ CARD_KEYS = (  # model.json keys shown by ``GET /model`` (the history and confus
     "ray_version",
     "torch_version",
     "data_sha256",
+    "calibration",
 )
+DEFAULT_THRESHOLD = 0.5  # "not sure" threshold of a model.json without calibration (older models)
 
 
 class Prediction(NamedTuple):
     """One image's result."""
 
     digit: int
-    probs: list[float]
+    probs: list[float]  # calibrated: softmax(logits / temperature)
     model_version: str
+    confident: bool  # the top probability reached the "not sure" threshold
 
 
 class ModelUnavailable(RuntimeError):
@@ -59,13 +63,15 @@ class ModelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A validated model plus the normalisation it was trained with."""
+    """A validated model plus the normalisation it was trained with and its calibration."""
 
     model: nn.Module
     version: str
     scale: float  # x_normalised = pixel * scale - shift  ==  (pixel / 255 - mean) / std
     shift: float
     card: dict[str, Any] = field(default_factory=dict)  # what ``GET /model`` shows
+    temperature: float = 1.0  # probabilities are softmax(logits / temperature)
+    threshold: float = DEFAULT_THRESHOLD  # calibrated top probability below which an answer is "not sure"
 
     @classmethod
     def from_artifact(cls, artifact: Artifact) -> LoadedModel:
@@ -74,23 +80,44 @@ class LoadedModel:
         mean, std = float(norm["mean"]), float(norm["std"])
         model = _for_inference(artifact.model)
         card = {key: artifact.meta[key] for key in CARD_KEYS if key in artifact.meta}
-        loaded = cls(model, str(artifact.meta["version"]), 1.0 / (255.0 * std), mean / std, card)
+        temperature, threshold = _calibration(artifact.meta)
+        version, scale, shift = str(artifact.meta["version"]), 1.0 / (255.0 * std), mean / std
+        loaded = cls(model, version, scale, shift, card, temperature=temperature, threshold=threshold)
         (warm,) = loaded.predict([np.zeros((28, 28), np.uint8)])
         if not all(np.isfinite(warm.probs)):
             raise ArtifactError(f"model {loaded.version} gives non-finite outputs")
         return loaded
 
-    def predict(self, images: list[np.ndarray]) -> list[Prediction]:
-        """Classify 28x28 uint8 images (white ink on black) in one forward pass."""
+    def predict(self, images: list[np.ndarray], threshold: float | None = None) -> list[Prediction]:
+        """Classify 28x28 uint8 images (white ink on black) in one forward pass; an answer is confident when
+        its calibrated top probability reaches ``threshold`` (None: the model's own)."""
         batch = torch.from_numpy(np.stack(images)).unsqueeze(1).float()
         batch = batch.mul_(self.scale).sub_(self.shift).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            probs = torch.softmax(self.model(batch), dim=1)
-        digits = probs.argmax(dim=1).tolist()
+            probs = torch.softmax(self.model(batch).div_(self.temperature), dim=1)
+        top, digits = probs.max(dim=1)
+        confident = (top >= (self.threshold if threshold is None else threshold)).tolist()
         return [
-            Prediction(digit, [round(p, 6) for p in row], self.version)
-            for digit, row in zip(digits, probs.tolist(), strict=True)
+            Prediction(digit, [round(p, 6) for p in row], self.version, sure)
+            for digit, row, sure in zip(digits.tolist(), probs.tolist(), confident, strict=True)
         ]
+
+
+def _calibration(meta: dict[str, Any]) -> tuple[float, float]:
+    """``(temperature, threshold)`` from ``model.json``'s ``calibration``; ``(1, DEFAULT_THRESHOLD)`` without one."""
+    calibration = meta.get("calibration")
+    if calibration is None:
+        return 1.0, DEFAULT_THRESHOLD
+    try:
+        temperature = float(calibration["temperature"])
+        threshold = float(calibration.get("threshold", DEFAULT_THRESHOLD))
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+        raise ArtifactError(f"model.json: unreadable calibration {calibration!r}: {exc!r}") from None
+    if not (math.isfinite(temperature) and temperature > 0 and 0 <= threshold <= 1):
+        raise ArtifactError(
+            f"model.json: calibration temperature {temperature} or threshold {threshold} is invalid"
+        )
+    return temperature, threshold
 
 
 def _for_inference(model: nn.Module) -> nn.Module:

@@ -70,6 +70,7 @@ class Settings:
     model_poll_interval_s: float = 1.0  # how often the model directory is checked for a new model
     limits: Limits = field(default_factory=Limits)  # image limits; ``limits.max_bytes`` caps the body too
     decode: DecodeBudget = field(default_factory=DecodeBudget)  # decodes at once, their time and memory
+    confidence_threshold: float | None = None  # "not sure" below this top probability; None: model.json's
 
     @classmethod
     def from_user_config(cls, config: dict[str, Any] | None) -> Settings:
@@ -99,6 +100,11 @@ class Settings:
             raise ValueError("user_config batch_wait_timeout_s must be in [0, 1)")
         if not (settings.body_timeout_s > 0 and settings.model_poll_interval_s > 0):
             raise ValueError("user_config body_timeout_s and model_poll_interval_s must be > 0")
+        threshold = settings.confidence_threshold
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1
+        ):
+            raise ValueError("user_config confidence_threshold must be null or a number in [0, 1]")
         return settings
 
     def form_limits(self) -> FormLimits:
@@ -187,11 +193,14 @@ class ServeMetrics:
 
 
 # The FastAPI application
-def infer(slot: ModelSlot, metrics: ServeMetrics, images: list[np.ndarray]) -> list[Prediction]:
-    """One forward pass over 28x28 uint8 images with the slot's current model, recorded in the metrics."""
+def infer(
+    slot: ModelSlot, metrics: ServeMetrics, images: list[np.ndarray], threshold: float | None = None
+) -> list[Prediction]:
+    """One forward pass over 28x28 uint8 images with the slot's current model, recorded in the metrics;
+    ``threshold`` overrides the model's "not sure" threshold."""
     model = slot.require()
     started = time.perf_counter()
-    results = model.predict(images)
+    results = model.predict(images, threshold)
     metrics.batch([r.digit for r in results], time.perf_counter() - started)
     return results
 
@@ -209,12 +218,20 @@ class Backend(Protocol):
         ...
 
 
+_PROBS = "The ten digits' calibrated probabilities (temperature-scaled softmax), in digit order"
+_CONFIDENT = (
+    "false: not sure - the top probability is below the confidence threshold (user_config "
+    "confidence_threshold, else the one model.json recommends); the upload may not be one clear digit"
+)
+
+
 class PredictionOut(BaseModel):
     """``POST /predict`` response."""
 
     prediction: int
-    probs: list[float]
+    probs: list[float] = Field(description=_PROBS)
     model_version: str
+    confident: bool = Field(description=_CONFIDENT)
     input_png: str | None = Field(
         None, description="Only with ?include_input=1: the 28x28 image the model saw, a base64 PNG"
     )
@@ -224,7 +241,8 @@ class ImageResult(BaseModel):
     """One image's result in a batch response."""
 
     prediction: int
-    probs: list[float]
+    probs: list[float] = Field(description=_PROBS)
+    confident: bool = Field(description=_CONFIDENT)
 
 
 class BatchOut(BaseModel):
@@ -388,7 +406,12 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
             )
         (image,) = await _decode([files[0].data], backend)
         result = await backend.classify(image)
-        body = {"prediction": result.digit, "probs": result.probs, "model_version": result.model_version}
+        body = {
+            "prediction": result.digit,
+            "probs": result.probs,
+            "model_version": result.model_version,
+            "confident": result.confident,
+        }
         if _wants_input(request):
             body["input_png"] = png_base64(image)
         return _json(body)
@@ -407,10 +430,13 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
         except ItemError as exc:  # name the part that was refused
             name = f" ({files[exc.index].filename})" if files[exc.index].filename else ""
             raise InputError(exc.status_code, f"files[{exc.index}]{name}: {exc.detail}") from None
-        results = infer(backend.slot, backend.metrics, images)  # already a batch: one forward pass
+        threshold = backend.settings.confidence_threshold
+        results = infer(backend.slot, backend.metrics, images, threshold)  # already a batch: one forward pass
         return _json(
             {
-                "results": [{"prediction": r.digit, "probs": r.probs} for r in results],
+                "results": [
+                    {"prediction": r.digit, "probs": r.probs, "confident": r.confident} for r in results
+                ],
                 "model_version": results[0].model_version,
             }
         )
@@ -503,7 +529,7 @@ class MNISTClassifier:
     @serve.batch(max_batch_size=Settings.max_batch_size, batch_wait_timeout_s=Settings.batch_wait_timeout_s)
     async def classify(self, images: list[np.ndarray]) -> list[Prediction]:
         """Classify a batch of 28x28 uint8 images with the current model."""
-        return infer(self.slot, self.metrics, images)
+        return infer(self.slot, self.metrics, images, self.settings.confidence_threshold)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Build the HTTP API inside the replica (Serve calls this after ``__init__``)."""

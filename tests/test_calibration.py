@@ -4,10 +4,13 @@ training run writes into ``model.json``."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from ray_app import data
 from ray_app.calibration import (
@@ -22,8 +25,12 @@ from ray_app.calibration import (
     nll,
     reliability,
 )
-from ray_app.model import load_artifact
+from ray_app.inference import DEFAULT_THRESHOLD, LoadedModel
+from ray_app.model import ArtifactError, ModelConfig, Net, load_artifact, save_artifact
+from ray_app.preprocess import to_mnist
+from ray_app.serve import Settings, build_api
 from ray_app.train import predict_logits
+from tests.helpers import BAR, NORMALIZATION, RING, DirectBackend
 
 
 def test_holdout_split_is_disjoint_sorted_and_seeded() -> None:
@@ -123,3 +130,98 @@ def test_trained_model_is_calibrated_on_held_out_images(trained_model_dir: Path,
     )
     assert nll(logits, train_y[val], temperature) < nll(logits, train_y[val], 1.0)
     assert meta["train_images"] == 12000 and not set(keep[:12000].tolist()) & set(val.tolist())
+
+
+# Serving: the temperature and threshold from model.json, and the "confident" field
+def _publish_calibrated(model_dir: Path, calibration: dict | None, seed: int = 0) -> str:
+    """Publish a randomly initialised model with ``calibration`` in its model.json (None: an older model)."""
+    torch.manual_seed(seed)
+    meta: dict = {"config": asdict(ModelConfig()), "normalization": NORMALIZATION}
+    if calibration is not None:
+        meta["calibration"] = calibration
+    return save_artifact(model_dir, Net().state_dict(), meta)
+
+
+def _raw_softmax(model: torch.nn.Module, image: np.ndarray, temperature: float = 1.0) -> list[float]:
+    x = (torch.from_numpy(image).float() / 255 - NORMALIZATION["mean"]) / NORMALIZATION["std"]
+    with torch.inference_mode():
+        return torch.softmax(model.eval()(x[None, None]) / temperature, 1)[0].tolist()
+
+
+def test_calibration_survives_save_load_and_serve(tmp_path: Path) -> None:
+    calibration = {
+        "method": "temperature",
+        "temperature": 0.05,
+        "threshold": 0.75,
+        "test": {"ece_after": 0.002},
+    }
+    version = _publish_calibrated(tmp_path, calibration)
+    artifact = load_artifact(tmp_path)
+    assert artifact.meta["calibration"] == calibration
+    loaded = LoadedModel.from_artifact(artifact)
+    assert (loaded.temperature, loaded.threshold) == (0.05, 0.75)
+    assert loaded.card["calibration"] == calibration
+
+    client = TestClient(build_api(DirectBackend(tmp_path)))
+    image = to_mnist(BAR)
+    body = client.post("/predict", files={"file": ("bar.png", BAR)}).json()
+    assert body["model_version"] == version
+    assert body["probs"] == pytest.approx(_raw_softmax(artifact.model, image, 0.05), abs=1e-5)
+    assert body["probs"] != pytest.approx(_raw_softmax(artifact.model, image), abs=1e-3)  # T really applied
+    assert body["prediction"] == int(np.argmax(_raw_softmax(artifact.model, image)))  # the argmax is not
+    assert body["confident"] is (max(body["probs"]) >= 0.75)
+    assert client.get("/model").json()["calibration"] == calibration
+    batch = client.post(
+        "/predict/batch", files=[("files", ("a.png", BAR)), ("files", ("b.png", RING))]
+    ).json()
+    assert [r["confident"] for r in batch["results"]] == [max(r["probs"]) >= 0.75 for r in batch["results"]]
+
+
+def test_model_without_calibration_serves_with_temperature_1(tmp_path: Path) -> None:
+    _publish_calibrated(tmp_path, None)  # a model.json from before calibration
+    artifact = load_artifact(tmp_path)
+    loaded = LoadedModel.from_artifact(artifact)
+    assert (loaded.temperature, loaded.threshold) == (1.0, DEFAULT_THRESHOLD)
+    assert "calibration" not in loaded.card
+    body = (
+        TestClient(build_api(DirectBackend(tmp_path)))
+        .post("/predict", files={"file": ("r.png", RING)})
+        .json()
+    )
+    assert body["probs"] == pytest.approx(_raw_softmax(artifact.model, to_mnist(RING)), abs=1e-5)
+    assert body["confident"] is (max(body["probs"]) >= DEFAULT_THRESHOLD)
+
+
+def test_threshold_from_user_config_overrides_the_models(tmp_path: Path) -> None:
+    _publish_calibrated(tmp_path, {"temperature": 1.0, "threshold": 0.0})
+    assert Settings.from_user_config({}).confidence_threshold is None
+    for threshold, expected in ((None, True), (0.0, True), (1.0, False)):
+        settings = Settings.from_user_config({"confidence_threshold": threshold})
+        client = TestClient(build_api(DirectBackend(tmp_path, settings)))
+        body = client.post("/predict", files={"file": ("bar.png", BAR)}).json()
+        assert body["confident"] is expected, threshold
+        batch = client.post("/predict/batch", files=[("files", ("a.png", BAR))]).json()
+        assert batch["results"][0]["confident"] is expected, threshold
+    for bad in (-0.1, 1.5, "high", True):
+        with pytest.raises(ValueError, match="confidence_threshold"):
+            Settings.from_user_config({"confidence_threshold": bad})
+
+
+@pytest.mark.parametrize(
+    "calibration",
+    [{"temperature": 0}, {"temperature": "hot"}, {"threshold": 0.9}, {"temperature": 1, "threshold": 2}],
+)
+def test_unusable_calibration_is_refused(tmp_path: Path, calibration: dict) -> None:
+    _publish_calibrated(tmp_path, calibration)
+    with pytest.raises(ArtifactError, match="calibration"):
+        LoadedModel.from_artifact(load_artifact(tmp_path))
+
+
+def test_openapi_documents_the_confident_field(tmp_path: Path) -> None:
+    schemas = (
+        TestClient(build_api(DirectBackend(tmp_path))).get("/openapi.json").json()["components"]["schemas"]
+    )
+    for name in ("PredictionOut", "ImageResult"):
+        assert "confident" in schemas[name]["required"], name
+        assert schemas[name]["properties"]["confident"]["type"] == "boolean"
+        assert "not sure" in schemas[name]["properties"]["confident"]["description"]

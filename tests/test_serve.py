@@ -59,7 +59,7 @@ def test_predict_returns_digit_probabilities_and_version(client: TestClient, mod
     response = client.post("/predict", files={"file": ("bar.png", BAR, "image/png")})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"prediction", "probs", "model_version"}
+    assert set(body) == {"prediction", "probs", "model_version", "confident"}
     assert body["model_version"] == load_artifact(model_dir).meta["version"]
     assert len(body["probs"]) == 10 and abs(sum(body["probs"]) - 1) < 1e-4
     assert body["prediction"] == int(np.argmax(body["probs"]))
