@@ -306,6 +306,9 @@ def test_serve_config_is_valid_and_consistent() -> None:
     assert deployment["max_ongoing_requests"] >= settings.max_batch_size
     assert deployment["max_queued_requests"] >= 200  # well above the concurrency tests and benchmarks use
     assert settings.limits == Limits()  # the file states the defaults explicitly
+    body_keys = ("max_files", "max_body_bytes", "max_part_header_bytes", "max_part_headers", "body_timeout_s")
+    assert {k: getattr(settings, k) for k in body_keys} == {k: getattr(Settings(), k) for k in body_keys}
+    assert set(body_keys) <= set(deployment["user_config"])
 
 
 @pytest.mark.parametrize(
