@@ -1,8 +1,8 @@
 """Hostile uploads, generated in memory: files built to stall, bloat or crash an image decoder.
 
-Each case stands for a row of the threat table (``row``), with the bytes to send and the acceptable answers; ``kind`` says how: ``"file"`` is an
-image sent as the multipart field ``file``, ``"part-headers"`` is a whole multipart body whose part header is the
-attack (``Case.body``), ``"raw"`` is a raw HTTP request sent over a socket. ``send`` delivers a case to one replica's
+Each case stands for a row of the threat table (``row``), with the bytes to send and the acceptable answers.
+``kind`` says how it is sent: ``"file"`` is an image in the multipart field ``file``, ``"part-headers"`` is a whole
+multipart body whose part header is the attack (``Case.body``), ``"raw"`` is a raw HTTP request over a socket. ``send`` delivers a case to one replica's
 own HTTP port, ``Probe`` times ``/healthz`` on it meanwhile and ``family_rss`` sums the replica's and its decode
 workers' memory. Used by ``tests/test_hostile.py`` and ``bench/hostile.py``.
 
@@ -439,7 +439,8 @@ def family_rss(pid: int) -> int:
 
 
 class Probe:
-    """``GET /healthz`` in a loop from a thread; ``worst(since)`` is the longest wait of probes sent since then."""
+    """``GET /healthz`` in a loop from a thread; ``worst(since)`` is the longest wait of the probes in flight at or
+    after ``since`` (one sent just before and answered after counts: it waited through the start)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -456,11 +457,11 @@ class Probe:
                 self._stop.wait(0.01)
 
     def worst(self, since: float) -> float:
-        """Longest wait among probes sent at or after ``since`` (waits for the one in flight)."""
+        """Longest wait among probes answered at or after ``since`` (waits for one sent after ``since``)."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (not self.samples or self.samples[-1][0] < since):
             time.sleep(0.01)
-        return max((s for t, s in self.samples if t >= since - 0.001), default=0.0)
+        return max((s for t, s in self.samples if t + s >= since), default=0.0)
 
     @contextmanager
     def running(self) -> Iterator[Probe]:
