@@ -216,6 +216,17 @@ def hostile_parts() -> dict[str, tuple[bytes, str]]:
     }
 
 
+def side_by_side(*names: str) -> bytes:
+    """A PNG of committed samples pasted next to each other (``side_by_side("six", "nine")``): not one digit."""
+    images = [Image.open(SAMPLES / f"{name}.png").convert("L") for name in names]
+    canvas = Image.new("L", (sum(i.width for i in images), max(i.height for i in images)))
+    x = 0
+    for image in images:
+        canvas.paste(image, (x, 0))
+        x += image.width
+    return encode(canvas)
+
+
 def sample_files() -> list[tuple[Path, int]]:
     """Committed samples of every style with their digit, from the file name (``zero.png``, ``ink/7.png``)."""
     found = []
@@ -316,7 +327,9 @@ def _truncated_multipart() -> tuple[str, str, dict[str, Any]]:
 
 
 def _chunked_huge() -> tuple[str, str, dict[str, Any]]:
-    chunks = iter([b"x" * 2**20] * (LIMITS.max_bytes // 2**20 + 2))
+    """A well-formed part streamed without Content-Length, past the body limit."""
+    head = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+    chunks = iter([head] + [b"x" * 2**20] * (Settings().max_body_bytes // 2**20 + 2))
     return (
         "POST",
         "/predict",

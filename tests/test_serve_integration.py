@@ -87,12 +87,19 @@ def test_bad_requests_over_http(served: Served) -> None:
             assert response.status_code == 405 and "use POST" in response.json()["detail"]
         huge = http.post("/predict", files={"file": ("big.png", b"\0" * (6 * 1024 * 1024))})
         assert huge.status_code == 413 and "exceeds the limit" in huge.json()["detail"]
+        head = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
         chunked = http.post(
+            "/predict",
+            content=iter([head] + [b"x" * 1024 * 1024] * 6),
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        )
+        assert chunked.status_code == 413 and "exceeds the limit" in chunked.json()["detail"]
+        garbage = http.post(
             "/predict",
             content=iter([b"x" * 1024 * 1024] * 6),
             headers={"content-type": "multipart/form-data; boundary=x"},
         )
-        assert chunked.status_code == 413
+        assert garbage.status_code == 400 and "malformed multipart body" in garbage.json()["detail"]
 
 
 @pytest.mark.integration
