@@ -109,6 +109,7 @@ class _Collector:
         }
 
     def part_begin(self) -> None:
+        """A new part: count it against ``max_parts``."""
         self._count += 1
         if self._count > self.limits.max_parts:
             raise HTTPException(413, f"too many parts in one request (limit {self.limits.max_parts})")
@@ -117,24 +118,29 @@ class _Collector:
         self._field, self._value = [], []
 
     def _count_header(self, length: int) -> None:
+        """Add header bytes of the current part; 413 past ``max_header_bytes``."""
         self._header_bytes += length
         if self._header_bytes > self.limits.max_header_bytes:
             raise HTTPException(413, f"a part's headers exceed {self.limits.max_header_bytes} bytes")
 
     def header_field(self, data: bytes, start: int, end: int) -> None:
+        """Some bytes of a header name."""
         self._count_header(end - start)
         self._field.append(data[start:end])
 
     def header_value(self, data: bytes, start: int, end: int) -> None:
+        """Some bytes of a header value."""
         self._count_header(end - start)
         self._value.append(data[start:end])
 
     def header_end(self) -> None:
+        """One header complete: keep it if it is the Content-Disposition."""
         if b"".join(self._field).strip().lower() == b"content-disposition":
             self._disposition = b"".join(self._value)
         self._field, self._value = [], []
 
     def headers_finished(self) -> None:
+        """The part's name and filename from its Content-Disposition; 400 without a name."""
         _, params = parse_options_header(self._disposition)  # bounded by max_header_bytes
         name = params.get(b"name")
         if name is None:
@@ -146,6 +152,7 @@ class _Collector:
         self._chunks = [] if self._name == self.field_name else None
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
+        """Some bytes of the part's data: kept for the requested field, counted for every part."""
         self._size += end - start
         if self._size > self.limits.max_part_bytes:
             raise HTTPException(
@@ -155,12 +162,14 @@ class _Collector:
             self._chunks.append(data[start:end])
 
     def part_end(self) -> None:
+        """The part is complete."""
         if self._chunks is not None:
             data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
             self.parts.append(Part(self._name, self._filename, data))
             self._chunks = None
 
     def end(self) -> None:
+        """The closing boundary was seen."""
         self.ended = True
 
 
