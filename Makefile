@@ -6,10 +6,11 @@ export MODEL_DIR ?= $(CURDIR)/model
 # Ray Serve's HAProxy ingress (read when Ray starts); its binary package exists for Linux only.
 export RAY_SERVE_ENABLE_HA_PROXY ?= $(if $(filter Linux,$(shell uname -s)),1,0)
 
-# Debian packages the tests use: chromium (the page in a browser), wrk (load), fonts (printed digits), ss and ps.
-TEST_DEB_PACKAGES := chromium wrk fonts-dejavu-core fonts-dejavu-extra fonts-liberation iproute2 procps
+# Debian packages the tests use: chromium (the page in a browser), wrk (load), fonts (printed digits), ss and ps,
+# redis-server (GCS fault tolerance in the pods-as-hosts tests).
+TEST_DEB_PACKAGES := chromium wrk fonts-dejavu-core fonts-dejavu-extra fonts-liberation iproute2 procps redis-server
 
-.PHONY: install run train serve stop test test-deps lint bench soak sync-serve-config clean
+.PHONY: install run train serve stop test test-deps lint bench bench-cluster soak sync-serve-config clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,10 +43,13 @@ test-deps:  ## as root with apt-get: install the Debian packages some tests use;
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
 	  || echo "apt-get failed: the tests that need $$missing will skip"; \
 	elif command -v apt-get >/dev/null; then echo "some tests skip until you run: sudo apt-get install -y $$missing"; \
-	else echo "some tests skip without /usr/bin/chromium, wrk, DejaVu and Liberation fonts, ss and ps"; fi
+	else echo "some tests skip without these (Debian package names): $$missing"; fi
 
-bench: install  ## benchmarks: Ray Serve vs the seed-style server, Ray Train vs plain PyTorch, hostile uploads (bench/results/)
-	$(BIN)/python -m bench.serve_bench --model-dir $(MODEL_DIR) && $(BIN)/python -m bench.train_bench --data-dir $${MNIST_DATA_DIR:-$(MODEL_DIR)/data} && $(BIN)/python -m bench.hostile --model-dir $(MODEL_DIR)
+bench: install  ## benchmarks: Ray Serve vs the seed-style server, Ray Train vs plain PyTorch, hostile uploads, upload-style accuracy (bench/results/)
+	$(BIN)/python -m bench.serve_bench --model-dir $(MODEL_DIR) && $(BIN)/python -m bench.train_bench --data-dir $${MNIST_DATA_DIR:-$(MODEL_DIR)/data} && $(BIN)/python -m bench.hostile --model-dir $(MODEL_DIR) && $(BIN)/python -m bench.preprocess_accuracy --model-dir $(MODEL_DIR) --data-dir $${MNIST_DATA_DIR:-$(MODEL_DIR)/data} --output bench/results/upload_accuracy.md
+
+bench-cluster: install  ## as root: the RayService with one network namespace per pod under load: pod loss, head restart, scaling (bench/results/cluster.*)
+	$(BIN)/python -m bench.cluster
 
 soak: install  ## 5 minutes at concurrency 32 against a fresh `serve run` (bench/results/soak.*)
 	$(BIN)/python -m bench.soak --model-dir $(MODEL_DIR)
