@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="print the stored versions, oldest first; * marks the current one")
     back = commands.add_parser("rollback", help="make a stored version the current model")
-    back.add_argument("version", help="a version id from `list`, e.g. 20260101-120000-0123abcd")
+    back.add_argument("version", help="a version id from `list`, e.g. 20260101-120000-123456-0123abcd")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
