@@ -233,6 +233,7 @@ class Backend:
     terminating: bool = False
     active: int = 0  # client connections piped to it right now
     refused: int = 0  # client connections it refused (closed by the balancer, not retried)
+    probe: str = ""  # the last readiness answer
 
 
 class LoadBalancer:
@@ -289,6 +290,7 @@ class LoadBalancer:
             for backend in list(self.backends.values()):
                 status, body = await http_get(backend.address, SERVE_PORT, "/-/healthz", 1.0)
                 backend.ready = status == 200 and b"success" in body
+                backend.probe = f"{status} {body[:80]!r}"
             await asyncio.sleep(self.probe_period_s)
 
     async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
@@ -338,6 +340,7 @@ class LoadReport:
     versions: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     examples: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the scenario measured besides the clients
 
     @property
     def failed(self) -> int:

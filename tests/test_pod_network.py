@@ -61,7 +61,7 @@ def two_pods(tmp_path: Path) -> Iterator[tuple[PodNetwork, LoadBalancer, LoopThr
             argv = network.command(
                 pod, [sys.executable, "-c", SERVER, name], [(tmp_path, "/mnt/model", True)]
             )
-            subprocess.Popen(argv)
+            subprocess.Popen(argv, start_new_session=True)
             balancer.add(name, pod.address)
         deadline = time.monotonic() + 30
         while len(balancer.in_rotation()) < 2:
@@ -112,7 +112,7 @@ def test_leftovers_of_a_crashed_run_are_removed() -> None:
     require(not reason, f"pods as hosts need network namespaces ({reason})", "sudo make test")
     network = PodNetwork()
     pod = network.add_pod("x")
-    proc = subprocess.Popen(network.command(pod, ["sleep", "600"], []))
+    proc = subprocess.Popen(network.command(pod, ["sleep", "600"], []), start_new_session=True)
     removed = remove_leftovers(network.prefix)  # as if the run had crashed before close()
     assert proc.wait(10) != 0
     assert f"{network.prefix}-x" in removed and network.prefix in removed, removed
