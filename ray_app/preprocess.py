@@ -59,8 +59,9 @@ class InputError(ValueError):
 
 
 # Declared pixels (width × height) accepted per format, from what real uploads need: JPEG covers 50 MP phone
-# photos (decoded at 1/8 scale), PNG and WebP a 5K screenshot (4096² = 16.8 MP), GIF and BMP less.
-MAX_PIXELS = {"JPEG": 52_000_000, "PNG": 16_777_216, "WEBP": 16_777_216, "GIF": 4_194_304, "BMP": 16_777_216}
+# photos (decoded at 1/8 scale), PNG a 5K screenshot (4096² = 16.8 MP), WebP a 4K one (2²³ = 8.4 MP: libwebp needs
+# ~16 bytes a pixel), GIF less.
+MAX_PIXELS = {"JPEG": 52_000_000, "PNG": 16_777_216, "WEBP": 8_388_608, "GIF": 4_194_304, "BMP": 16_777_216}
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,10 @@ def _inspect_jpeg(data: bytes, limits: Limits) -> Header:
     return Header("JPEG", width, height, need, draft_scale=scale)
 
 
-_PNG_BYTES_PER_PIXEL = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type, as Pillow holds 8-bit data
+# Peak bytes a pixel while decoding, by PNG colour type (measured: the decoded image and Pillow's transient copies)
+_PNG_BYTES_PER_PIXEL = {0: 1, 2: 4, 3: 2, 4: 4, 6: 8}
+_PNG_16_BIT_GREY = 6  # 'I;16' cannot be reduced by Pillow: numpy arrays on the way to 8 bits
+_PALETTE_WITH_ALPHA = 9  # a palette with tRNS converts to grey + alpha through RGBA
 
 
 def _inspect_png(data: bytes, limits: Limits) -> Header:
@@ -302,7 +306,7 @@ def _inspect_png(data: bytes, limits: Limits) -> Header:
     width, height, depth, colour = struct.unpack_from(">IIBB", data, 16)
     if colour not in _PNG_BYTES_PER_PIXEL:
         raise InputError(422, f"corrupt PNG image: colour type {colour}")
-    pos, chunks, others, end = 8, 0, 0, len(data)
+    pos, chunks, others, end, transparency = 8, 0, 0, len(data), False
     while pos + 8 <= end:
         length, kind = struct.unpack_from(">I4s", data, pos)
         chunks += 1
@@ -310,6 +314,7 @@ def _inspect_png(data: bytes, limits: Limits) -> Header:
             break
         if kind != b"IDAT":
             others += 1
+            transparency = transparency or kind == b"tRNS"
             if others > limits.max_segments:
                 raise InputError(
                     422, f"PNG image has more than {limits.max_segments} chunks besides its image data"
@@ -317,10 +322,12 @@ def _inspect_png(data: bytes, limits: Limits) -> Header:
         if chunks > limits.max_png_chunks:
             raise InputError(422, f"PNG image has more than {limits.max_png_chunks} chunks")
         pos += 12 + length
-    per_pixel = 5 if depth == 16 and colour == 0 else _PNG_BYTES_PER_PIXEL[colour]  # 16-bit grey: + arrays
-    # The decoded image, plus the small copy after reduction and, for palettes, the full-size conversion.
-    extra = 2 if colour == 3 else 0
-    return Header("PNG", width, height, width * height * (per_pixel + extra) + width * height // 4)
+    per_pixel = _PNG_BYTES_PER_PIXEL[colour]
+    if depth == 16 and colour == 0:
+        per_pixel = _PNG_16_BIT_GREY
+    elif colour == 3 and transparency:
+        per_pixel = _PALETTE_WITH_ALPHA
+    return Header("PNG", width, height, width * height * per_pixel + width * height // 4)
 
 
 def _inspect_gif(data: bytes, limits: Limits) -> Header:
@@ -347,7 +354,7 @@ def _inspect_gif(data: bytes, limits: Limits) -> Header:
             pos += 1 + size
             if size == 0:
                 break
-    return Header("GIF", width, height, width * height * 4)
+    return Header("GIF", width, height, width * height * _PALETTE_WITH_ALPHA)
 
 
 def _inspect_webp(data: bytes, limits: Limits) -> Header:
@@ -363,7 +370,9 @@ def _inspect_webp(data: bytes, limits: Limits) -> Header:
         width, height = width & 0x3FFF, height & 0x3FFF
     else:
         raise InputError(422, "corrupt WebP image: unknown first chunk")
-    return Header("WEBP", width, height, width * height * 8)  # libwebp's RGBA canvas plus Pillow's copy
+    return Header(
+        "WEBP", width, height, width * height * 16
+    )  # measured: libwebp's buffers, canvas, Pillow's copy
 
 
 def _inspect_pillow(kind: str) -> Callable[[bytes, Limits], Header]:

@@ -29,7 +29,7 @@ from tests.hostile_inputs import blank_png, rle8_bmp
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 ZERO = (SAMPLES / "zero.png").read_bytes()
-BIG = blank_png(4096, 4096, 6)  # 16.8 MP RGBA: a few hundred ms in a worker, never inline
+BIG = blank_png(4000, 4000, 6)  # 16 MP RGBA: a few hundred ms in a worker, never inline
 LIMITS = Limits()
 
 
@@ -146,7 +146,7 @@ def test_a_crashed_worker_is_replaced(decoder: Decoder) -> None:
 
 
 def test_batch_pixels_are_counted_against_one_budget(decoder: Decoder) -> None:
-    decoder.budget = DecodeBudget(workers=2, timeout_s=30, max_batch_pixels=2 * 4096 * 4096)
+    decoder.budget = DecodeBudget(workers=2, timeout_s=30, max_batch_pixels=2 * 4000 * 4000)
     with pytest.raises(InputError, match="pixels in all") as raised:
         run(decoder.decode([BIG, BIG, BIG], LIMITS))
     assert raised.value.status_code == 413
