@@ -1,8 +1,9 @@
 """Uploaded image bytes → a 28×28 MNIST-style digit: white ink on black, 20×20 box, centred by centre of mass.
 
-Usage: ``to_mnist(data, limits)`` returns the uint8 28×28 image the model sees (serving calls this, then normalises
-with ``model.json``'s constants); ``preprocess(data, mean, std)`` does both for one image. Anything unusable raises
-:class:`InputError`, which carries an HTTP status and a message.
+Usage: ``header = inspect(data, limits)`` reads what the upload declares and refuses, before any pixel is decoded,
+whatever would cost too much; ``to_mnist(data, limits, header)`` returns the uint8 28×28 image the model sees (the
+model applies ``model.json``'s normalisation). Anything unusable raises :class:`InputError`, which carries an HTTP
+status and a message.
 """
 
 from __future__ import annotations
@@ -121,12 +122,6 @@ class Header:
     def pixels(self) -> int:
         """Declared width × height."""
         return self.width * self.height
-
-
-def preprocess(data: bytes, mean: float, std: float, limits: Limits = Limits()) -> np.ndarray:
-    """Upload bytes → float32 (28, 28), ``(x - mean) / std`` with x in [0, 1], white ink on black."""
-    x = to_mnist(data, limits).astype(np.float32) / 255.0
-    return (x - np.float32(mean)) / np.float32(std)
 
 
 def to_mnist(data: bytes, limits: Limits = Limits(), header: Header | None = None) -> np.ndarray:
