@@ -370,29 +370,23 @@ def _inspect_webp(data: bytes, limits: Limits) -> Header:
     )  # measured: libwebp's buffers, canvas, Pillow's copy
 
 
-def _inspect_pillow(kind: str) -> Callable[[bytes, Limits], Header]:
-    """Header reader for a format whose Pillow header parser does a fixed amount of work (BMP)."""
-
-    def inspect_with_pillow(data: bytes, limits: Limits) -> Header:
-        try:
-            with Image.open(io.BytesIO(data), formats=(kind,)) as img:
-                width, height = img.size
-                bands = len(img.getbands())
-                rle = bool(img.tile) and img.tile[0][0] == "bmp_rle"
-        except Image.DecompressionBombError:  # Pillow's own guard, at twice Image.MAX_IMAGE_PIXELS
-            raise InputError(
-                413, f"{_NAMES[kind]} image declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels"
-            ) from None
-        return Header(kind, width, height, width * height * (bands + 2), python_work=rle)  # + a conversion
-
-    return inspect_with_pillow
+def _inspect_bmp(data: bytes, limits: Limits) -> Header:
+    """BMP: Pillow's header parser reads a fixed-size header; run-length encoding is noted (decoded in Python)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=("BMP",)) as img:
+            width, height = img.size
+            bands = len(img.getbands())
+            rle = bool(img.tile) and img.tile[0][0] == "bmp_rle"
+    except Image.DecompressionBombError:  # Pillow's own guard, at twice Image.MAX_IMAGE_PIXELS
+        raise InputError(413, f"BMP image declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
+    return Header("BMP", width, height, width * height * (bands + 2), python_work=rle)  # + a conversion
 
 
 _INSPECTORS: dict[str, Callable[[bytes, Limits], Header]] = {
     "JPEG": _inspect_jpeg,
     "PNG": _inspect_png,
     "GIF": _inspect_gif,
-    "BMP": _inspect_pillow("BMP"),
+    "BMP": _inspect_bmp,
     "WEBP": _inspect_webp,
 }
 
