@@ -336,6 +336,7 @@ class LoadReport:
     ok: int = 0
     non_2xx: dict[int, int] = field(default_factory=dict)
     connection_errors: int = 0
+    timeouts: int = 0  # requests without an answer within the client's timeout (counted in connection_errors)
     longest_gap_s: float = 0.0
     versions: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -426,6 +427,7 @@ class Load:
                 error = f"{status} {body[:200]!r}"
             else:
                 self.report.connection_errors += 1
+                self.report.timeouts += error == "timeout"
             if len(self.report.examples) < 10:
                 self.report.examples.append(f"{time.monotonic() - self._started:.1f}s {error}")
             await asyncio.sleep(0.05)  # a failed client backs off a little, as a real one would

@@ -53,7 +53,7 @@ def names() -> str:
 def two_pods(tmp_path: Path) -> Iterator[tuple[PodNetwork, LoadBalancer, LoopThread]]:
     reason = namespaces_supported()
     require(not reason, f"pods as hosts need network namespaces ({reason})", "sudo make test")
-    network, loop, balancer = PodNetwork(), LoopThread(), LoadBalancer(probe_period_s=0.3)
+    network, loop, balancer = PodNetwork(), LoopThread(), LoadBalancer(probe_period_s=1.0)
     try:
         loop.run(balancer.start(), 10)
         for name in ("a", "b"):
@@ -85,17 +85,19 @@ def test_balancer_spreads_drops_failed_pods_and_never_retries(two_pods: tuple) -
     assert report.failed == 0 and set(report.versions) == {"a", "b"}, report.line()
     assert min(report.versions.values()) > report.ok / 4, f"not round-robin: {report.versions}"
 
-    # Pod b's server dies (its address stays): connections to it are refused until the probe notices, and the
-    # balancer must pass each refusal on to the client, not retry on pod a.
-    kill_namespace(network.pods["b"].namespace)
+    # Pod b's server dies under load (its address stays): connections to it are refused until the probe notices,
+    # and the balancer must pass each refusal on to the client, not retry on pod a.
     load = Load(balancer.port, b"\x89PNG", clients=4)
     loop.run(load.start(), 10)
-    time.sleep(2)
+    time.sleep(0.5)
+    kill_namespace(network.pods["b"].namespace)
+    time.sleep(2.5)
     report = loop.run(load.stop(), 30)
     refused = balancer.backends["b"].refused
     assert not balancer.backends["b"].ready
-    assert report.connection_errors == refused > 0, (report.line(), refused)
-    assert report.failed == refused and set(report.versions) <= {"a", "b"}, report.line()
+    assert refused > 0 and not report.non_2xx, (report.line(), refused)
+    # each refusal reached a client; besides those only the requests in flight on b at the kill failed
+    assert refused <= report.connection_errors <= refused + 4, (report.line(), refused)
 
 
 @pytest.mark.timeout(60)
