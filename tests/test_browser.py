@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import require
-from tests.helpers import BLANK, SAMPLES
+from tests.helpers import BLANK, SAMPLES, side_by_side
 from tests.serving import Served
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +159,28 @@ def test_upload_drop_model_card_errors_and_screenshot(page: Any, served: Served)
     message = page.text_content("#error")
     assert message.startswith("Could not read a digit (422): no digit found"), message
     assert page.text_content("#digit") == "–" and page.locator("#bars li").count() == 0
+
+
+def test_not_sure_state_names_the_two_likeliest_digits(page: Any, served: Served) -> None:
+    pair = side_by_side("six", "nine")  # two digits: the answer is not confident
+    expected = httpx.post(f"{served.url}/predict", files={"file": ("pair.png", pair)}, timeout=30).json()
+    assert expected["confident"] is False
+    page.set_input_files("#file", files=[{"name": "pair.png", "mimeType": "image/png", "buffer": pair}])
+    page.wait_for_selector("#unsure:not([hidden])", timeout=30_000)
+    shown = result(page, str(expected["prediction"]))
+    assert [b["prob"] for b in shown["bars"]] == pytest.approx(expected["probs"], abs=1e-6)
+    first, second = sorted(range(10), key=lambda d: -expected["probs"][d])[:2]
+    text = " ".join(page.text_content("#unsure").split())
+    assert text.startswith("Not sure — is this a single digit? Most likely"), text
+    assert f"Most likely {first} (" in text and f") or {second} (" in text, text
+    assert "unsure" in page.get_attribute("#digit", "class")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-not-sure.png"), full_page=True)
+
+    page.set_input_files("#file", str(SAMPLES / "seven.png"))  # a clear digit clears the state
+    result(page, "7")
+    page.wait_for_selector("#unsure", state="hidden", timeout=30_000)
+    assert "unsure" not in (page.get_attribute("#digit", "class") or "")
 
 
 def test_phone_width_has_no_horizontal_scroll(browser: Any, served: Served) -> None:

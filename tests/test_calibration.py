@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -30,7 +31,8 @@ from ray_app.model import ArtifactError, ModelConfig, Net, load_artifact, save_a
 from ray_app.preprocess import to_mnist
 from ray_app.serve import Settings, build_api
 from ray_app.train import predict_logits
-from tests.helpers import BAR, NORMALIZATION, RING, DirectBackend
+from tests.helpers import BAR, NORMALIZATION, RING, ZERO, DirectBackend, sample_files, side_by_side
+from tests.serving import Served
 
 
 def test_holdout_split_is_disjoint_sorted_and_seeded() -> None:
@@ -225,3 +227,47 @@ def test_openapi_documents_the_confident_field(tmp_path: Path) -> None:
         assert "confident" in schemas[name]["required"], name
         assert schemas[name]["properties"]["confident"]["type"] == "boolean"
         assert "not sure" in schemas[name]["properties"]["confident"]["description"]
+
+
+# The trained model and the real serve run: sure of the committed samples, not sure of two digits side by side
+AMBIGUOUS = [("six", "nine"), ("two", "seven")]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_trained_model_is_sure_of_the_samples_and_not_of_two_digits(trained_model_dir: Path) -> None:
+    loaded = LoadedModel.from_artifact(load_artifact(trained_model_dir))
+    assert (
+        loaded.temperature
+        == json.loads((trained_model_dir / "model.json").read_text())["calibration"]["temperature"]
+    )
+    samples = sample_files()
+    results = loaded.predict([to_mnist(path.read_bytes()) for path, _ in samples])
+    assert [(r.digit, r.confident) for r in results] == [(digit, True) for _, digit in samples]
+    for names in AMBIGUOUS:
+        (result,) = loaded.predict([to_mnist(side_by_side(*names))])
+        assert not result.confident, (names, result)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_served_answers_are_calibrated_and_say_when_not_sure(served: Served, trained_model_dir: Path) -> None:
+    card = httpx.get(f"{served.url}/model", timeout=10).json()
+    calibration = json.loads((trained_model_dir / "model.json").read_text())["calibration"]
+    assert card["calibration"] == calibration
+    zero = httpx.post(f"{served.url}/predict", files={"file": ("zero.png", ZERO)}, timeout=30).json()
+    assert zero["prediction"] == 0 and zero["confident"] is True
+    assert zero["probs"][0] >= calibration["threshold"]
+    pair = side_by_side(*AMBIGUOUS[0])
+    unsure = httpx.post(f"{served.url}/predict", files={"file": ("pair.png", pair)}, timeout=30).json()
+    assert unsure["confident"] is False and max(unsure["probs"]) < calibration["threshold"]
+    batch = httpx.post(
+        f"{served.url}/predict/batch",
+        files=[("files", ("a.png", ZERO)), ("files", ("b.png", pair))],
+        timeout=30,
+    ).json()
+    assert [r["confident"] for r in batch["results"]] == [True, False]
+    assert [r["probs"] for r in batch["results"]] == [
+        pytest.approx(zero["probs"], abs=1e-5),
+        pytest.approx(unsure["probs"], abs=1e-5),
+    ]
