@@ -68,7 +68,7 @@ class Settings:
     max_part_headers: int = 8  # headers of one multipart part
     body_timeout_s: float = 10.0  # time allowed to receive the request body (slow clients get 408)
     model_poll_interval_s: float = 1.0  # how often the model directory is checked for a new model
-    limits: Limits = field(default_factory=Limits)  # image limits; ``limits.max_bytes`` caps the body too
+    limits: Limits = field(default_factory=Limits)  # image limits; ``limits.max_bytes`` also caps each part
     decode: DecodeBudget = field(default_factory=DecodeBudget)  # decodes at once, their time and memory
     confidence_threshold: float | None = None  # "not sure" below this top probability; None: model.json's
 
