@@ -13,7 +13,6 @@ import json
 import re
 import subprocess
 import time
-from contextlib import suppress
 from pathlib import Path
 
 import httpx
@@ -32,6 +31,8 @@ from tests.helpers import (
     SAMPLES,
     encode,
     hostile_parts,
+    metric_total,
+    prometheus_scrape,
     publish_broken,
     replica_pids,
     sample_files,
@@ -270,28 +271,6 @@ def test_model_card_and_input_image_through_serve(served: Served, trained_model_
         body = http.post("/predict?include_input=1", files={"file": ("0.png", data)}).json()
     seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["input_png"]))))
     np.testing.assert_array_equal(seen, to_mnist(data))
-
-
-def prometheus_scrape(ray_tmp: Path) -> str:
-    """Everything the Ray cluster under ``ray_tmp`` exports, from the targets its dashboard writes for
-    Prometheus file-based service discovery."""
-    (discovery,) = ray_tmp.glob("ray/session_latest/prom_metrics_service_discovery.json")
-    targets = [t for group in json.loads(discovery.read_text()) for t in group["targets"]]
-    texts = []
-    for target in targets:
-        with suppress(httpx.HTTPError):
-            texts.append(httpx.get(f"http://{target}/metrics", timeout=10).text)
-    return "\n".join(texts)
-
-
-def metric_total(scrape: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels`` (over replicas)."""
-    total = 0.0
-    for match in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", scrape, re.MULTILINE):
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 @pytest.mark.integration
