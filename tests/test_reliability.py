@@ -21,6 +21,7 @@ from ray_app.serve import (
     build_api,
     configured_token,
 )
+from tests.battery_expected import check_expected
 from tests.helpers import (
     AUTH,
     BATTERY,
@@ -56,7 +57,8 @@ def guarded_client(model_dir: Path) -> TestClient:
 def test_malformed_request_is_a_4xx_json_error(guarded_client: TestClient, name: str) -> None:
     method, path, kwargs = BATTERY[name]()
     headers = {**kwargs.pop("headers", {}), **AUTH}
-    check_4xx_json(guarded_client.request(method, path, headers=headers, **kwargs), name)
+    # its exact status and detail (tests/battery_expected.py)
+    check_expected(guarded_client.request(method, path, headers=headers, **kwargs), name)
 
 
 @pytest.mark.parametrize(

@@ -27,18 +27,20 @@ from ray_app.model import METADATA, WEIGHTS
 from ray_app.serve import (
     TOKEN_ENV,
 )
+from tests.battery_expected import check_expected
 from tests.helpers import (
     AUTH,
     BATTERY,
     TOKEN,
     ZERO,
     _half,
-    check_4xx_json,
     publish_broken,
     replica_pids,
     serve_cli,
 )
 from tests.serving import ROOT, SERVE_CONFIG, publish_copy, running_serve_app
+
+BACKPRESSURE = "Request dropped due to backpressure"  # Serve's own 503 (plain text) when the queue is full
 
 
 class Guarded(NamedTuple):
@@ -82,7 +84,8 @@ def test_malformed_requests_over_http_are_4xx_json(guarded: Guarded) -> None:
         for name, build in BATTERY.items():
             method, path, kwargs = build()
             headers = {**kwargs.pop("headers", {}), **AUTH}
-            check_4xx_json(http.request(method, path, headers=headers, **kwargs), name)
+            # its exact status and detail (tests/battery_expected.py)
+            check_expected(http.request(method, path, headers=headers, **kwargs), name)
         assert http.post("/predict", files={"file": ("0.png", ZERO)}, headers=AUTH).status_code == 200
 
 
@@ -206,7 +209,12 @@ def test_killing_a_replica_under_load_loses_almost_nothing(guarded: Guarded) -> 
     )
     assert any(end > killed_at for _, end, _, _ in records)  # traffic continued past the kill
     assert first_failed <= 16  # at most the requests in flight on the killed replica
-    assert len(failed) / len(records) < 0.01, sorted({r[2] for r in failed})
+    assert not failed, sorted({r[2] for r in failed})  # none after up to two retries
+    # Begun after the kill and answered before any replacement process existed: only the other replica was there.
+    alone_until = killed_at + replaced.get("process_s", float("inf"))
+    alone = [r for r in records if r[2] == "200" and r[0] > killed_at and r[1] < alone_until]
+    print(f"{len(alone)} requests served by the surviving replica alone")
+    assert alone, "nothing was served between the kill and the replacement"
     assert "ready_s" in replaced, f"no replacement replica answering within 120 s: {replaced}"
     assert len(replica_pids(guarded.ray_tmp)) == 2
 
@@ -264,6 +272,7 @@ def test_overload_is_refused_quickly(guarded: Guarded, tmp_path: Path) -> None:
     deployment |= {"max_ongoing_requests": 2, "max_queued_requests": 2}
     tiny = tmp_path / "serve_config.yaml"
     tiny.write_text(yaml.safe_dump(config))
+    refusals: set[tuple[str, str]] = set()  # (content type, body) of every 503
 
     async def burst(count: int) -> list[tuple[int, float]]:
         limits = httpx.Limits(max_connections=count)
@@ -272,6 +281,8 @@ def test_overload_is_refused_quickly(guarded: Guarded, tmp_path: Path) -> None:
             async def one() -> tuple[int, float]:
                 began = time.monotonic()
                 response = await http.post("/predict", files={"file": ("0.png", ZERO)})
+                if response.status_code == 503:
+                    refusals.add((response.headers.get("content-type", ""), response.text))
                 return response.status_code, time.monotonic() - began
 
             return await asyncio.gather(*(one() for _ in range(count)))
@@ -295,6 +306,9 @@ def test_overload_is_refused_quickly(guarded: Guarded, tmp_path: Path) -> None:
         )
         assert {status for status, _ in results} <= {200, 503}
         assert max(rejected) < 5
+        print(f"503 bodies: {refusals}")
+        # the documented refusal, nothing else
+        assert all(BACKPRESSURE in body for _, body in refusals), refusals
     finally:
         restored = serve_cli("deploy", str(SERVE_CONFIG), dashboard=guarded.dashboard)
         assert restored.returncode == 0, restored.stderr
