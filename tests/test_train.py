@@ -59,6 +59,10 @@ def test_help_states_every_default(monkeypatch: pytest.MonkeyPatch) -> None:
     described = {  # defaults computed from other options, stated in words
         "--storage-path": ("<model-dir>/ray_results", defaults["storage_path"] == "/mnt/model/ray_results"),
         "--run-name": ("a new unique name", defaults["run_name"].startswith("mnist-")),
+        "--cpus-per-worker": (
+            "this machine's CPUs / --num-workers",
+            defaults["cpus_per_worker"] == max(1, len(os.sched_getaffinity(0)) // defaults["num_workers"]),
+        ),
     }
     for flag, entry in entries.items():
         if flag == "--help":
@@ -210,14 +214,16 @@ def test_worse_run_exits_3_and_publishes_nothing(
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_two_worker_run_writes_a_plain_torch_model(trained_model_dir: Path, mnist_dir: Path) -> None:
+def test_default_run_writes_a_plain_torch_model(trained_model_dir: Path, mnist_dir: Path) -> None:
     model = Net(**asdict(ModelConfig()))
     model.load_state_dict(torch.load(trained_model_dir / "model.pth", weights_only=True))
     accuracy = _accuracy(model, mnist_dir)
     assert accuracy > 0.9  # chance is 0.1
     meta = json.loads((trained_model_dir / "model.json").read_text())
     assert abs(meta["test_accuracy"] - accuracy) < 0.003
-    assert meta["num_workers"] == 2 and meta["train_images"] == 12000 and len(meta["history"]) == 2
+    default = parse_args(["--model-dir", "unused"])
+    assert (meta["num_workers"], meta["cpus_per_worker"]) == (default.num_workers, default.cpus_per_worker)
+    assert meta["train_images"] == 12000 and len(meta["history"]) == 2
     assert len(meta["per_digit_accuracy"]) == 10 and min(meta["per_digit_accuracy"]) > 0.7
     assert meta["ray_version"] == "2.60.0" and meta["torch_version"].startswith("2.14.1")
     for key in ("version", "sha256", "created_at", "wall_time_s", "data_sha256", "batch_size", "epochs"):
@@ -259,6 +265,7 @@ def _train_workers(root: psutil.Process) -> list[psutil.Process]:
 def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path: Path, mnist_dir: Path) -> None:
     cmd = [sys.executable, "-m", "ray_app.train", "--model-dir", str(tmp_path), "--data-dir", str(mnist_dir)]
     cmd += ["--train-limit", "20000", "--epochs", "3", "--min-accuracy", "0", "--max-failures", "2"]
+    cmd += ["--num-workers", "2"]  # a real 2-worker DDP run (the default is one worker with all CPUs)
     with private_ray_env() as env:  # a Ray of its own
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env
