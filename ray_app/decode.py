@@ -402,9 +402,8 @@ def serve_decodes(conn: Connection) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Worker entry point: ``python -m ray_app.decode FD MEMORY_MIB``."""
     fd, memory_mib = (int(a) for a in (argv or sys.argv[1:]))
-    signal.signal(
-        signal.SIGINT, signal.SIG_IGN
-    )  # Ctrl-C reaches the whole process group; the replica decides
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group; the replica decides
+    os.nice(10)  # the replica's event loop (health checks, small uploads) gets the CPU first
     _limit_memory(memory_mib)
     serve_decodes(Connection(fd))
     return 0

@@ -205,13 +205,14 @@ def test_close_stops_every_worker() -> None:
         assert not alive(pid)
 
 
-def test_workers_import_only_pil_and_numpy(decoder: Decoder) -> None:
+def test_workers_are_lean_and_yield_the_cpu(decoder: Decoder) -> None:
     with pytest.raises(ItemError):
         run(decoder.decode([BIG], LIMITS))
     for pid in decoder.worker_pids():
         maps = Path(f"/proc/{pid}/maps").read_text() if Path(f"/proc/{pid}/maps").exists() else ""
         assert "torch" not in maps and "/ray/" not in maps, "a decode worker loaded torch or ray"
         assert psutil.Process(pid).memory_info().rss < 200 * 2**20
+        assert psutil.Process(pid).nice() >= 10  # the replica's event loop gets the CPU first
 
 
 @pytest.mark.parametrize(
