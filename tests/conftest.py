@@ -154,7 +154,7 @@ def private_ray_env() -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Iterator[Path]:
-    """A model directory with a small model (12,000 images, 2 epochs, 2 workers) from a real training run."""
+    """A model directory with a small model (12,000 images, 2 epochs, the default layout) from a real training run."""
     model_dir = tmp_path_factory.mktemp("model")
     args = ["--model-dir", str(model_dir), "--data-dir", str(mnist_dir), "--train-limit", "12000"]
     done = run_train(*args, "--epochs", "2", "--min-accuracy", "0.9")
