@@ -390,6 +390,17 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [""]
     for t in results["targets"]:
         lines.append(f"- {t['target']}: {t['value']:.2f}× — **{'met' if t['met'] else 'not met'}**")
+    plain, default = rows[0], next(r for r in rows if r["name"].endswith("(default)"))
+    extra = sorted(
+        ((default["phases_s"][k] - plain["phases_s"][k], label) for k, label in PHASES), reverse=True
+    )
+    lines += [
+        "",
+        f"Where the default run's extra {default['wall_s']['median'] - plain['wall_s']['median']:.1f} s go "
+        "(median phase minus plain's): "
+        + ", ".join(f"{label} {d:+.1f} s" for d, label in extra if abs(d) >= 0.5)
+        + ".",
+    ]
     plain_import = statistics.median(r[PLAIN]["ray_import_s"] for r in results["rounds"])
     lines += [
         "",
