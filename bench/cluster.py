@@ -3,10 +3,10 @@
     python -m bench.cluster                       # as root (network namespaces), needs redis-server; ~6 min
 
 Runs the scenarios of tests/test_kuberay_pods.py (a new model published, num_replicas 2 -> 3 -> 2, a serve worker
-removed gracefully and killed abruptly, the head restarted with GCS fault tolerance), each under a steady load of
-8 clients through an emulated L4 LoadBalancer, and writes what the clients saw to ``cluster.json`` and
-``cluster.md`` (default ``bench/results``): requests sent, non-2xx, connection errors, the longest gap without a
-success. Exit status: pytest's (1 if a scenario failed; the table still shows its numbers).
+removed gracefully and killed abruptly, the head restarted with GCS fault tolerance, autoscaling 1..3), each
+under a steady load of 8 clients through an emulated L4 LoadBalancer, and writes what the clients saw to
+``cluster.json`` and ``cluster.md`` (default ``bench/results``): requests sent, non-2xx, connection errors, the
+longest gap without a success. Exit status: pytest's (1 if a scenario failed; the table still shows its numbers).
 """
 
 from __future__ import annotations
@@ -41,15 +41,15 @@ def markdown(reports: dict[str, dict[str, Any]], outcome: str) -> str:
         "one 2-core machine; 8 clients, one fresh connection per `/predict`, through a round-robin L4 balancer",
         "over the Ready serve workers that never retries. Timings are from a shared machine: compare, do not quote.",
         "",
-        "| scenario | sent | ok | non-2xx | connection errors | longest gap without a success | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| scenario | sent | ok | non-2xx | connection errors | longest gap without a success | seconds | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in reports.items():
         non_2xx = sum(r["non_2xx"].values())
         codes = f" {r['non_2xx']}" if non_2xx else ""
         lines.append(
             f"| {name} | {r['sent']} | {r['ok']} | {non_2xx}{codes} | {r['connection_errors']} "
-            f"| {r['longest_gap_s']:.2f} s | {r['seconds']:.0f} |"
+            f"| {r['longest_gap_s']:.2f} s | {r['seconds']:.0f} | {'; '.join(r.get('notes', []))} |"
         )
     return "\n".join(lines) + "\n"
 

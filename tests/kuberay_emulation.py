@@ -167,8 +167,9 @@ class EmulatedCluster:
 
     @property
     def headers(self) -> dict[str, str]:
-        """What the operator sends to the dashboard."""
-        return {"Authorization": f"Bearer {self.token}"} if self.token_auth else {}
+        """What the operator sends to the dashboard (KubeRay v1.7.0
+        ray-operator/controllers/ray/utils/dashboardclient/dashboard_httpclient.go:55-59)."""
+        return {"x-ray-authorization": f"Bearer {self.token}"} if self.token_auth else {}
 
     def _launch(self, node: NodeSpec, index: int, root: Path) -> None:
         """Start (or restart) node ``index`` with ``ray start --block``."""

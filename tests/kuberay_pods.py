@@ -68,6 +68,16 @@ def memory_bytes(quantity: str) -> int:
     return int(quantity)
 
 
+def command_line(pid: int) -> str:
+    """The start of a process's command line ("" once it is gone)."""
+    try:
+        return b" ".join(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")).decode(errors="replace")[
+            :120
+        ]
+    except OSError:
+        return ""
+
+
 @dataclass
 class RunningPod:
     """A pod of the cluster: its group, namespace and container process."""
@@ -247,7 +257,13 @@ class PodCluster:
         log_path = self.root / f"{name}.log"
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
-                argv, env=self.pod_env(group), stdout=out, stderr=subprocess.STDOUT, cwd=self.root
+                argv,
+                env=self.pod_env(group),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.root,
+                start_new_session=True,  # a pod's own process group: Ray's reaper signals its whole group
             )
         running = self.pods[name] = RunningPod(group, pod, proc, log_path)
         if group != "head":
@@ -273,7 +289,12 @@ class PodCluster:
         self.pods["redis"] = RunningPod(
             "redis",
             pod,
-            subprocess.Popen(self.network.command(pod, ["redis-server", *args], []), stdout=out, stderr=out),
+            subprocess.Popen(
+                self.network.command(pod, ["redis-server", *args], []),
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            ),
             self.root / "redis.log",
         )
 
@@ -300,7 +321,7 @@ class PodCluster:
 
     def check_alive(self) -> None:
         """Fail with its log if a pod's container has exited."""
-        for name, running in self.pods.items():
+        for name, running in list(self.pods.items()):  # a pod may be deleted meanwhile (another thread)
             if running.proc.poll() is not None:
                 tail = running.log_path.read_text(errors="replace")[-3000:]
                 raise AssertionError(f"pod {name} exited {running.proc.returncode}:\n{tail}")
@@ -334,11 +355,7 @@ class PodCluster:
         while netns_pids(running.pod.namespace) and time.monotonic() - started < grace:
             time.sleep(0.2)
         took = time.monotonic() - started
-        self.killed_after_grace = [
-            " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")).decode()[:120]
-            for pid in netns_pids(running.pod.namespace)
-            if Path(f"/proc/{pid}/cmdline").exists()
-        ]
+        self.killed_after_grace = [command_line(pid) for pid in netns_pids(running.pod.namespace)]
         self._remove(name, running)
         return took
 
@@ -363,7 +380,13 @@ class PodCluster:
         argv = self.network.command(running.pod, ["/bin/bash", "-c", "--", line], self.mounts(running.group))
         with open(running.log_path, "ab") as out:
             running.proc = subprocess.Popen(
-                argv, env=self.pod_env(running.group), stdout=out, stderr=subprocess.STDOUT, cwd=self.root
+                argv,
+                env=self.pod_env(running.group),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.root,
+                start_new_session=True,
             )
 
     def _remove(self, name: str, running: RunningPod) -> None:
@@ -380,24 +403,6 @@ class PodCluster:
             kill_namespace(running.pod.namespace)
             with suppress(subprocess.TimeoutExpired):
                 running.proc.wait(10)
-
-
-def submitter_line(address: str, job_id: str, entrypoint: str, runtime_env: dict[str, Any]) -> str:
-    """The RayJob submitter's command line as KubeRay v1.7.0 builds it in K8sJobMode (KR:controllers/ray/common/
-    job.go:89-212), run as ``/bin/bash -ce -- <line>`` (KR:controllers/ray/utils/util.go:1005-1013): wait for the
-    dashboard's GCS health, submit unless the submission id exists, then follow the logs. The operator quotes the
-    JSON with Go's strconv.Quote; shlex.quote gives bash the same string."""
-    probe = (
-        f"import urllib.request; r=urllib.request.urlopen('{address}/api/gcs_healthz', timeout=10); "
-        "exit(0 if b'success' in r.read() else 1)"
-    )
-    return (
-        f'until python -c "{probe}" >/dev/null 2>&1 ; do echo "Waiting for Ray Dashboard GCS to become healthy at '
-        f'{address} ..." ; sleep 2 ; done ; if ! ray job status --address {address} {job_id} >/dev/null 2>&1 ; '
-        f"then ray job submit --address {address} --no-wait --runtime-env-json "
-        f"{shlex.quote(json.dumps(runtime_env))} --submission-id {job_id} -- {entrypoint} ; fi ; "
-        f"ray job logs --address {address} --follow {job_id}"
-    )
 
 
 def rayservice_doc() -> dict[str, Any]:
