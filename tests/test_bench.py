@@ -7,6 +7,7 @@ well-formed results. Nothing here asserts speed; the numbers come from ``make be
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,16 +42,16 @@ def test_serve_bench_smoke(trained_model_dir: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
     results = json.loads((tmp_path / "serve.json").read_text())
-    assert results["machine"]["cpus"] >= 1 and results["machine"]["cpu_model"]
+    assert results["machine"]["cpus"] == len(os.sched_getaffinity(0)) and results["machine"]["cpu_model"]
     for system in ("baseline", "ray_serve"):
         levels = results[system]["levels"]
         assert [r["concurrency"] for r in levels] == [1, 16]
         assert sum(r["requests"] for r in levels) > 0 and all(r["non_2xx"] == 0 for r in levels), levels
         assert all(0 <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] for r in levels), levels
-        assert results[system]["prediction"] in range(10)
+        assert results[system]["prediction"] == 0  # both classify the default sample, samples/zero.png
     batch = results["ray_serve"]["batch"]
     assert batch["non_2xx"] == 0
-    assert batch["images_per_s"] == pytest.approx(batch["rps"] * batch["images_per_request"])
+    assert batch["images_per_request"] == 8 and batch["requests"] > 0  # --smoke sends 8 images per request
     assert all(r["images_per_s"] > 0 for r in results["raw_forward"])
     assert [r["concurrency"] for r in results["ratios"]] == [1, 16]
     assert {t["target"] for t in results["targets"]} >= {"c=16: req/s >= 2.0x baseline", "c=1: p50 <= 3 ms"}
