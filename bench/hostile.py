@@ -29,14 +29,13 @@ import httpx
 import numpy as np
 
 from ray_app.preprocess import InputError, inspect
+from tests.helpers import replica_pids, replica_url
 from tests.hostile_inputs import (
     Case,
     Probe,
     cases,
     family_rss,
     phone_photo_jpeg,
-    replica_pids,
-    replica_url,
     screenshot_png,
     send,
 )
@@ -211,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > deadline:
                 raise SystemExit(f"no model served from {args.model_dir}")
             time.sleep(0.5)
-        pid = replica_pids(served.log.parent)[0]
+        pid = min(replica_pids(served.log.parent))
         load_start = round(os.getloadavg()[0], 2)
         measured = measure(replica_url(pid), pid, battery, args.rounds)
     result = {

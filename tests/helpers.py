@@ -14,6 +14,7 @@ import subprocess
 import sys
 import zlib
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -440,8 +441,9 @@ def check_4xx_json(response: httpx.Response, name: str) -> None:
     assert isinstance(body, dict) and isinstance(body.get("detail"), str) and body["detail"], (name, body)
 
 
-def replica_pids(ray_tmp: str) -> set[int]:
+def replica_pids(ray_tmp: str | Path) -> set[int]:
     """PIDs of the app's Serve replicas in the Ray that uses ``ray_tmp``."""
+    ray_tmp = str(ray_tmp)
     pids = set()
     for proc in psutil.process_iter(["cmdline"]):
         try:
@@ -453,6 +455,16 @@ def replica_pids(ray_tmp: str) -> set[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return pids
+
+
+def replica_url(pid: int) -> str:
+    """The address of a replica's own HTTP server (its direct ingress, behind the shared ingress)."""
+    listening = [c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"]
+    for port in listening:
+        with suppress(httpx.HTTPError, ValueError):
+            if "status" in httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json():
+                return f"http://127.0.0.1:{port}"
+    raise AssertionError(f"replica {pid} answers /healthz on none of its ports {listening}")
 
 
 def ray_processes(ray_tmp: str) -> set[int]:

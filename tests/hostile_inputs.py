@@ -21,7 +21,6 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -404,31 +403,6 @@ def cases() -> list[Case]:
 
 
 # Sending them to one replica of a running app, and watching it
-REPLICA = "ServeReplica:mnist:MNISTClassifier"
-
-
-def replica_pids(ray_tmp: Path) -> list[int]:
-    """PIDs of the app's replicas in the Ray that uses ``ray_tmp``."""
-    pids = []
-    for proc in psutil.process_iter(["cmdline"]):
-        with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            if REPLICA in " ".join(proc.info["cmdline"] or []) and proc.environ().get("RAY_TMPDIR") == str(
-                ray_tmp
-            ):
-                pids.append(proc.pid)
-    return sorted(pids)
-
-
-def replica_url(pid: int) -> str:
-    """The address of a replica's own HTTP server (its direct ingress)."""
-    listening = [c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"]
-    for port in listening:
-        with suppress(httpx.HTTPError, ValueError):
-            if "status" in httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json():
-                return f"http://127.0.0.1:{port}"
-    raise AssertionError(f"replica {pid} answers /healthz on none of its ports {listening}")
-
-
 def family_rss(pid: int) -> int:
     """Resident memory of a process and all its children (a replica and its decode workers)."""
     proc = psutil.Process(pid)

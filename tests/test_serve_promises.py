@@ -15,7 +15,6 @@ import json
 import socket
 import threading
 import time
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,7 +26,7 @@ import yaml
 from PIL import Image
 
 from ray_app.model import VERSIONS, rollback
-from tests.helpers import SAMPLES, ZERO, metric_total, prometheus_scrape, replica_pids, serve_cli
+from tests.helpers import SAMPLES, ZERO, metric_total, prometheus_scrape, replica_pids, replica_url, serve_cli
 from tests.serving import SERVE_CONFIG, Served, publish_copy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,16 +37,6 @@ JUNK_FILES = [("files", (f"{i}.png", b"junk")) for i in range(4)]  # refused bef
 
 
 # ---- helpers: the cluster behind the session's app
-def replica_url(pid: int) -> str:
-    """The address of a replica's own HTTP server (its direct ingress, behind the shared ingress)."""
-    listening = [c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"]
-    for port in listening:
-        with suppress(httpx.HTTPError, ValueError):
-            if "status" in httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json():
-                return f"http://127.0.0.1:{port}"
-    raise AssertionError(f"replica {pid} answers /healthz on none of its ports {listening}")
-
-
 def replica_urls(served: Served) -> dict[int, str]:
     """Each replica's PID and own address (the config asks for ``num_replicas`` of them)."""
     pids = replica_pids(str(served.ray_tmp))
