@@ -122,17 +122,26 @@ def launched(
         progress(f"{name} ready (pid {proc.pid})")
         yield proc
     finally:
-        for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            if proc.poll() is not None:
-                break
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with suppress(subprocess.TimeoutExpired):
-                proc.wait(wait_s)
-        for pid in session_pids(proc.pid):
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop_session(proc)
         progress(f"{name} stopped")
+
+
+def stop_session(
+    leader: subprocess.Popen,
+    steps: tuple[tuple[int, float], ...] = ((signal.SIGINT, 60), (signal.SIGTERM, 20), (signal.SIGKILL, 10)),
+) -> None:
+    """Stop a process group we started: each signal of ``steps`` in turn, waiting up to its seconds, until the
+    leader exits; then SIGKILL whatever of its session is left."""
+    for sig, wait_s in steps:
+        if leader.poll() is not None:
+            break
+        with suppress(ProcessLookupError):
+            os.killpg(leader.pid, sig)
+        with suppress(subprocess.TimeoutExpired):
+            leader.wait(wait_s)
+    for pid in session_pids(leader.pid):
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 # ---- serve run

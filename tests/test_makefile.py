@@ -28,24 +28,11 @@ from filelock import FileLock
 from ray_app.model import load_artifact
 from tests.conftest import require
 from tests.helpers import ray_processes
-from tests.serving import PORT, PORT_LOCK, URL, port_free, serve_env, session_pids
+from tests.serving import PORT, PORT_LOCK, URL, port_free, serve_env, stop_session
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNC_SCRIPT = Path("kuberay") / "sync_serve_config.py"
-
-
-def stop_session(leader: subprocess.Popen) -> None:
-    """SIGINT to a process group we started, then SIGKILL whatever of its session is left."""
-    for sig, wait_s in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
-        if leader.poll() is not None:
-            break
-        with suppress(ProcessLookupError):
-            os.killpg(leader.pid, sig)
-        with suppress(subprocess.TimeoutExpired):
-            leader.wait(wait_s)
-    for pid in session_pids(leader.pid):
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+SIGINT_THEN_KILL = ((signal.SIGINT, 30), (signal.SIGKILL, 10))  # as Ctrl-C, then what is left
 
 
 @contextmanager
@@ -63,7 +50,7 @@ def unrelated_ray() -> Iterator[tuple[subprocess.Popen, set[int]]]:
         assert driver.stdout is not None and driver.stdout.readline().strip() == "up"
         yield driver, ray_processes(ray_tmp)
     finally:
-        stop_session(driver)
+        stop_session(driver, SIGINT_THEN_KILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -127,7 +114,7 @@ def test_make_run_serves_and_make_stop_leaves_other_ray_clusters_alone(
             assert other.poll() is None and all(psutil.pid_exists(pid) for pid in other_pids), other_pids
             assert len(other_pids) >= 3  # the driver, the GCS and the raylet at least
         finally:
-            stop_session(run)
+            stop_session(run, SIGINT_THEN_KILL)
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

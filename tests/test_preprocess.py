@@ -22,6 +22,7 @@ from PIL import Image
 
 from ray_app.preprocess import MAX_PIXELS, InputError, Limits, inspect, to_mnist
 from tests.conftest import require
+from tests.hostile_inputs import rle8_bmp
 from tests.uploads import STYLES, encode, fonts, printed_ink, upload
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -529,15 +530,6 @@ def test_gif_block_floods_are_refused() -> None:
     comment = b"\x21\xfe" + b"\x01x" * 1000 + b"\x00"
     error = refusal(gif[:end] + comment + gif[end:])
     assert error.status_code == 422 and "blocks" in error.detail
-
-
-def rle8_bmp(width: int, height: int) -> bytes:
-    """An 8-bit run-length encoded BMP: one pixel per row, then end-of-line."""
-    pixels = b"\x01\x01\x00\x00" * height + b"\x00\x01"
-    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
-    offset = 14 + 40 + len(palette)
-    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
-    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels
 
 
 def test_run_length_bmp_is_capped_and_never_inline() -> None:
