@@ -35,6 +35,7 @@ from tests.helpers import (
     prometheus_scrape,
     publish_broken,
     replica_pids,
+    replica_url,
     sample_files,
     serve_cli,
     stroke_image,
@@ -252,8 +253,11 @@ def test_serve_status_and_an_in_place_user_config_update(served: Served, tmp_pat
             time.sleep(0.5)
     finally:
         assert serve_cli("deploy", str(SERVE_CONFIG), dashboard=served.dashboard).returncode == 0
-    deadline = time.monotonic() + 60
-    while httpx.post(f"{served.url}/predict", files={"file": ("0.png", data)}).status_code != 200:
+    deadline = time.monotonic() + 60  # every replica has the restored config, not just the one that answered
+    replicas = [replica_url(pid) for pid in sorted(replica_pids(served.ray_tmp))]
+    while any(
+        httpx.post(f"{u}/predict", files={"file": ("0.png", data)}).status_code != 200 for u in replicas
+    ):
         assert time.monotonic() < deadline
         time.sleep(0.5)
 
