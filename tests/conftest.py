@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from ray_app import data
+from tests.helpers import replica_pids, replica_url
 from tests.serving import Served, publish_copy, running_serve_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,12 +175,21 @@ def served(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         first_health = httpx.get(f"{run.url}/healthz", timeout=5)
         published = time.monotonic()
         version = publish_copy(trained_model_dir, model_dir)
-        while httpx.get(f"{run.url}/healthz", timeout=5).json().get("model_version") != version:
-            assert time.monotonic() - published < 30, "model not picked up in 30 s"
+        while not _every_replica_serves(run.log.parent, version):  # not just the replica that answers first
+            assert time.monotonic() - published < 30, "model not picked up by every replica in 30 s"
             time.sleep(0.2)
         yield Served(
             run.url, run.dashboard, model_dir, first_health, time.monotonic() - published, run.log.parent
         )
+
+
+def _every_replica_serves(ray_tmp: Path, version: str) -> bool:
+    """Each replica of the app under ``ray_tmp`` answers ``/healthz`` on its own port with ``version``."""
+    pids = replica_pids(ray_tmp)
+    return bool(pids) and all(
+        httpx.get(f"{replica_url(pid)}/healthz", timeout=5).json().get("model_version") == version
+        for pid in pids
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
