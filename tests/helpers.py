@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import asdict
+from itertools import permutations
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,9 @@ import yaml
 from PIL import Image, ImageDraw
 
 from ray_app.decode import Decoder
-from ray_app.inference import ModelSlot, Prediction
-from ray_app.model import METADATA, WEIGHTS, ModelConfig, Net, save_artifact
-from ray_app.preprocess import Limits
+from ray_app.inference import LoadedModel, ModelSlot, Prediction
+from ray_app.model import METADATA, WEIGHTS, ModelConfig, Net, load_artifact, save_artifact
+from ray_app.preprocess import Limits, to_mnist
 from ray_app.serve import (
     ServeMetrics,
     Settings,
@@ -226,6 +227,15 @@ def side_by_side(*names: str) -> bytes:
         canvas.paste(image, (x, 0))
         x += image.width
     return encode(canvas)
+
+
+def unsure_pairs(model_dir: Path) -> list[tuple[str, str]]:
+    """The ordered pairs of committed samples that the model in ``model_dir`` is not sure of, side by side."""
+    pairs = list(permutations(WORDS, 2))
+    results = LoadedModel.from_artifact(load_artifact(model_dir)).predict(
+        [to_mnist(side_by_side(*names)) for names in pairs]
+    )
+    return [names for names, result in zip(pairs, results, strict=True) if not result.confident]
 
 
 def sample_files() -> list[tuple[Path, int]]:
