@@ -23,7 +23,7 @@ import torchvision
 from PIL import Image
 
 from ray_app.preprocess import InputError, Limits, inspect, to_mnist
-from tests.helpers import replica_pids, replica_url
+from tests.helpers import WORDS, replica_pids, replica_url
 from tests.hostile_inputs import (
     Case,
     Probe,
@@ -37,7 +37,6 @@ from tests.serving import Served
 from tests.uploads import STYLES, upload
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ANSWER_S = 2.0  # every hostile request is answered within this
 PROBE_DELAY_S = 0.1  # a /healthz on the same replica never waits longer than this
 RSS_GROWTH = 150 * 2**20  # the replica and its decode workers grow by less than this
@@ -166,7 +165,7 @@ def test_legitimate_uploads_still_classify(served: Served, mnist_test: tuple[np.
             assert response.status_code == 200, (name, response.text)
             return response.json()["prediction"]
 
-        for digit, name in enumerate(NAMES):
+        for digit, name in enumerate(WORDS):
             assert predict((SAMPLES / f"{name}.png").read_bytes(), f"{name}.png") == digit
         rng = np.random.default_rng(0)
         for style in STYLES:  # the served answer is the one for the image preprocessing makes in process

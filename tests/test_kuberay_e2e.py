@@ -35,12 +35,11 @@ from filelock import FileLock
 
 from ray_app.model import METADATA, WEIGHTS, load_artifact
 from tests.conftest import require
+from tests.helpers import SAMPLES, WORDS
 from tests.kuberay_emulation import EmulatedCluster, map_path, submission_id, wait_port_free
-from tests.kuberay_manifests import MANIFESTS, ROOT, load_yaml, serve_config, volume_mounts
+from tests.kuberay_manifests import MANIFESTS, load_yaml, serve_config, volume_mounts
 from tests.serving import PORT_LOCK
 
-SAMPLES = ROOT / "samples"
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CPU_BUDGET = 2  # CPUs one emulated cluster may advertise (the contract's limit for a shared machine)
 # A short run through the manifest's own option handling (the training CLI reads each option from the env);
 # small batches give enough optimizer steps on 3000 images for the samples to be recognised (about 95 %

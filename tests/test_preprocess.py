@@ -22,11 +22,11 @@ from PIL import Image
 
 from ray_app.preprocess import MAX_PIXELS, InputError, Limits, inspect, to_mnist
 from tests.conftest import require
+from tests.helpers import WORDS
 from tests.hostile_inputs import rle8_bmp
 from tests.uploads import STYLES, encode, fonts, printed_ink, upload
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Lowest correlation with the source digit each style must keep (pen and marker redraw the strokes).
 MIN_SIMILARITY = {"marker": 0.6, "pen": 0.55}
 
@@ -435,7 +435,7 @@ def test_damaged_files_raise_only_input_error(fmt: str, seed: int, flips: int) -
 
 
 def test_committed_samples_are_small_and_clean() -> None:
-    for name in NAMES:
+    for name in WORDS:
         for path in (SAMPLES / f"{name}.png", SAMPLES / "ink" / f"{name}.png"):
             assert path.stat().st_size < 5000, path
             assert_mnist_like(to_mnist(path.read_bytes()))
