@@ -45,7 +45,7 @@ test-deps:  ## as root with apt-get: install the Debian packages some tests use;
 	elif command -v apt-get >/dev/null; then echo "some tests skip until you run: sudo apt-get install -y $$missing"; \
 	else echo "some tests skip without these (Debian package names): $$missing"; fi
 
-bench: install  ## benchmarks: Ray Serve vs the seed-style server, Ray Train vs plain PyTorch, hostile uploads, upload-style accuracy (bench/results/)
+bench: install  ## benchmarks: Ray Serve vs the seed-style server, LitServe and BentoML (first run builds their virtualenvs under bench/peers/), Ray Train vs plain PyTorch, hostile uploads, upload-style accuracy (bench/results/)
 	$(BIN)/python -m bench.serve_bench --model-dir $(MODEL_DIR) && $(BIN)/python -m bench.train_bench --data-dir $${MNIST_DATA_DIR:-$(MODEL_DIR)/data} && $(BIN)/python -m bench.hostile --model-dir $(MODEL_DIR) && $(BIN)/python -m bench.preprocess_accuracy --model-dir $(MODEL_DIR) --data-dir $${MNIST_DATA_DIR:-$(MODEL_DIR)/data} --output bench/results/upload_accuracy.md
 
 bench-cluster: install  ## as root: the RayService with one network namespace per pod under load: pod loss, head restart, scaling (bench/results/cluster.*)
@@ -58,7 +58,7 @@ lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) model *.egg-info
+	rm -rf $(VENV) model *.egg-info bench/peers/.venv-*
 
 sync-serve-config:  ## copy ray_app/serve_config.yaml into the RayService's serveConfigV2
 	$(BIN)/python kuberay/sync_serve_config.py
