@@ -605,8 +605,9 @@ def describe(name: str, results: dict[str, Any]) -> str:
     if name == LITSERVE:
         return (
             f"**{LABELS[name]} {s['version']}** (`bench/peers/litserve_app.py`): 2 inference workers + 2 API "
-            "server processes, batching `max_batch_size` 16 / `batch_timeout` 2 ms, the seed's transform, "
-            "torch threads 1 per worker."
+            "server processes linked by ZeroMQ (`fast_queue`), batching `max_batch_size` 16 / `batch_timeout` 5 ms "
+            "(the best of 1, 2 and 5 ms with and without `fast_queue` at c=16), the seed's transform, torch threads "
+            "1 per worker."
         )
     return (
         f"**{LABELS[name]} {s['version']}** (`bench/peers/bentoml_service.py`): 2 workers, adaptive batching "
