@@ -239,7 +239,7 @@ def test_failed_run_keeps_the_previous_model(
     model_dir = tmp_path / "model"
     shutil.copytree(trained_model_dir, model_dir)
     before = {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file() and "ray_results" not in p.parts}
-    # 100 images cannot fill one batch of 256: every worker raises, and with no retries the run fails.
+    # 100 images cannot fill one batch of 128: every worker raises, and with no retries the run fails.
     done = run_train(
         "--model-dir", str(model_dir), "--data-dir", str(mnist_dir), "--train-limit", "100", "--max-failures", "0"
     )  # fmt: skip
