@@ -2,9 +2,9 @@
 
     python -m bench.cluster                       # as root (network namespaces), needs redis-server; ~6 min
 
-Runs the scenarios of tests/test_kuberay_pods.py (a new model published, num_replicas 2 -> 3 -> 2, a serve worker
-removed gracefully and killed abruptly, the head restarted with GCS fault tolerance, autoscaling 1..3), each
-under a steady load of 8 clients through an emulated L4 LoadBalancer, and writes what the clients saw to
+Runs the scenarios of tests/test_kuberay_pods.py (the RayJob publishing a new model, num_replicas 2 -> 3 -> 2,
+autoscaling 1..3, a serve worker removed gracefully and killed abruptly, the head restarted with GCS fault
+tolerance), each under a steady load through an emulated L4 LoadBalancer, and writes what the clients saw to
 ``cluster.json`` and ``cluster.md`` (default ``bench/results``): requests sent, non-2xx, connection errors, the
 longest gap without a success. Exit status: pytest's (1 if a scenario failed; the table still shows its numbers).
 """
@@ -38,8 +38,10 @@ def markdown(reports: dict[str, dict[str, Any]], outcome: str) -> str:
         "",
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `python -m bench.cluster` ({outcome}). The RayService of",
         "kuberay/serving/ with one network namespace per pod (Redis, head, 2 serve workers with 1 Ray CPU each) on",
-        "one 2-core machine; 8 clients, one fresh connection per `/predict`, through a round-robin L4 balancer",
-        "over the Ready serve workers that never retries. Timings are from a shared machine: compare, do not quote.",
+        "one 2-core machine; the RayJob of kuberay/training/ on its own cluster of pods (head, 1 training worker)",
+        "on the same network, started by its submitter pod's command line. 8 clients (unless a note says",
+        "otherwise), one fresh connection per `/predict`, through a round-robin L4 balancer over the Ready serve",
+        "workers that never retries. Timings are from a shared machine: compare, do not quote.",
         "",
         "| scenario | sent | ok | non-2xx | connection errors | longest gap without a success | seconds | notes |",
         "|---|---:|---:|---:|---:|---:|---:|---|",

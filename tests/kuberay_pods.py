@@ -36,6 +36,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import suppress
 from dataclasses import dataclass
@@ -89,16 +90,23 @@ class RunningPod:
 
 
 class PodCluster:
-    """A RayService's RayCluster (``rayClusterConfig``) with one network namespace per pod.
+    """A RayService's (``rayClusterConfig``) or RayJob's (``rayClusterSpec``) RayCluster, one network namespace
+    per pod.
 
-    ``volume`` is the host folder behind the manifest's model volume. The serve workers' addresses are the
-    endpoints of ``balancer``; the head is not (``excludeHeadPodFromServeSvc``).
+    ``volume`` is the host folder behind the manifest's model volume. With a ``balancer`` (a RayService), the
+    workers' addresses are its endpoints; the head is not (``excludeHeadPodFromServeSvc``).
     """
 
     def __init__(
-        self, doc: dict[str, Any], volume: Path, network: PodNetwork, balancer: LoadBalancer
+        self,
+        doc: dict[str, Any],
+        volume: Path,
+        network: PodNetwork,
+        balancer: LoadBalancer | None = None,
+        name: str = "",
     ) -> None:
         self.doc = doc
+        self.name = name  # prefix of the pod names: two clusters share one network (a RayJob's: "job")
         self.spec = cluster_spec(doc)
         self.volume = volume
         self.network = network
@@ -205,7 +213,7 @@ class PodCluster:
             for key, value in params.items()
         )
         extra = (
-            f"--node-ip-address={address} --temp-dir={self.root}/{self._count}-{group} "
+            f"--node-ip-address={address} --temp-dir={self.root}/{self.name}{self._count}-{group} "
             f"--object-store-memory={OBJECT_STORE_BYTES} --disable-usage-stats"
         )
         return f"ulimit -n 65536; ray start {'--head ' if group == 'head' else ''}--block {flags} {extra}"
@@ -220,6 +228,10 @@ class PodCluster:
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": self.token,
+            # ray.init() inside the cluster (KR:common/pod.go setContainerEnvVars): 127.0.0.1:6379 on the head,
+            # <head-svc>:6379 on workers; here the head's address everywhere (the pods share one PID namespace,
+            # where Ray's address="auto" would find every cluster's GCS).
+            "RAY_ADDRESS": f"{self.head_address}:{GCS_PORT}",
             **{e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e},
         }
         if self.gcs_ft and group == "head":
@@ -248,7 +260,7 @@ class PodCluster:
     def start_pod(self, group: str, address: str = "") -> RunningPod:
         """Create a pod of ``group`` (a new namespace) and start its container."""
         self._count += 1
-        name = f"{group}-{self._count}"
+        name = f"{self.name}{group}-{self._count}"
         pod = self.network.add_pod(name, address)
         if group == "head":
             self.head_address = pod.address
@@ -266,7 +278,7 @@ class PodCluster:
                 start_new_session=True,  # a pod's own process group: Ray's reaper signals its whole group
             )
         running = self.pods[name] = RunningPod(group, pod, proc, log_path)
-        if group != "head":
+        if group != "head" and self.balancer:
             self.balancer.add(name, pod.address)
         log.info("pod %s at %s: %s", name, pod.address, line)
         return running
@@ -310,6 +322,31 @@ class PodCluster:
                 for _ in range(int(group["replicas"])):
                     self.start_pod(name)
                     self.wait_nodes(self.alive_nodes() + 1, deadline)
+        # The operator calls the dashboard only once the pods are Ready (rayservice_controller.go:1998; a RayJob
+        # submits once the RayCluster's state is ready, i.e. every pod Running and Ready).
+        for running in self.pods.values():
+            if running.group != "redis":
+                self.wait_pod_ready(running, deadline)
+
+    @staticmethod
+    def pod_ready(running: RunningPod) -> bool:
+        """The injected readiness probe of a Ray container (Ray >= 2.53: ``httpGet :52365/api/healthz``;
+        KR:controllers/ray/common/pod.go, initLivenessAndReadinessProbe / supportsUnifiedHealthCheck). The
+        RayService's serve workers add Serve's /-/healthz: that part is the balancer's probe."""
+        with suppress(httpx.HTTPError):
+            return (
+                httpx.get(f"http://{running.pod.address}:{AGENT_PORT}/api/healthz", timeout=2).status_code
+                == 200
+            )
+        return False
+
+    def wait_pod_ready(self, running: RunningPod, deadline: float) -> None:
+        """Wait until ``running`` passes its readiness probe."""
+        while not self.pod_ready(running):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pod {running.pod.name} not Ready in time; logs in {self.root}")
+            time.sleep(1)
 
     def wait_nodes(self, count: int, deadline: float) -> None:
         """Wait until at least ``count`` nodes are ALIVE."""
@@ -320,15 +357,15 @@ class PodCluster:
             time.sleep(1)
 
     def check_alive(self) -> None:
-        """Fail with its log if a pod's container has exited."""
+        """Fail with its log if a pod's container has exited (a submitter may finish)."""
         for name, running in list(self.pods.items()):  # a pod may be deleted meanwhile (another thread)
-            if running.proc.poll() is not None:
+            if running.group != "submitter" and running.proc.poll() is not None:
                 tail = running.log_path.read_text(errors="replace")[-3000:]
                 raise AssertionError(f"pod {name} exited {running.proc.returncode}:\n{tail}")
 
     def serve_pods(self) -> list[str]:
         """The names of the running serve worker pods."""
-        return [name for name, p in self.pods.items() if p.group not in ("head", "redis")]
+        return [name for name, p in self.pods.items() if p.group not in ("head", "redis", "submitter")]
 
     def delete_pod(self, name: str) -> float:
         """Delete a pod as the kubelet does (endpoint removal, preStop, SIGTERM, grace period, SIGKILL).
@@ -338,7 +375,8 @@ class PodCluster:
         pod_spec = self.groups[running.group]["template"]["spec"] if running.group in self.groups else {}
         grace = float(pod_spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S))
         started = time.monotonic()
-        self.balancer.terminating(name)
+        if self.balancer:
+            self.balancer.terminating(name)
         pre_stop = pod_spec.get("containers", [{}])[0].get("lifecycle", {}).get("preStop", {})
         if "exec" in pre_stop:
             with suppress(subprocess.TimeoutExpired):
@@ -394,7 +432,92 @@ class PodCluster:
         with suppress(subprocess.TimeoutExpired):
             running.proc.wait(10)
         self.network.remove_pod(running.pod.name)
-        self.balancer.remove(name)
+        if self.balancer:
+            self.balancer.remove(name)
+
+    # ------------------------------------------------------------------------------- RayJob submitter
+
+    def submitter_line(self, job_id: str, entrypoint: str) -> str:
+        """The K8sJobMode submitter's command line as KubeRay v1.7.0 builds it for this RayJob
+        (KR:controllers/ray/common/job.go:89-212, BuildJobSubmitCommand; run as ``/bin/bash -ce -- <line>``,
+        utils/util.go:1005-1013): wait for the dashboard's GCS health, submit unless ``ray job status`` knows
+        the id, then follow the logs. ``runtimeEnvYAML`` goes as JSON (sigs.k8s.io/yaml YAMLToJSON: compact,
+        keys sorted), quoted with Go's strconv.Quote; no metadata or entrypoint resources in the manifest."""
+        spec = self.doc["spec"]
+        address = self.dashboard  # status.dashboardURL: <rayjob>-head-svc:8265
+        health = (
+            'python -c "import urllib.request; '
+            f"r=urllib.request.urlopen('{address}/api/gcs_healthz', timeout=10); "
+            "exit(0 if b'success' in r.read() else 1)\""
+        )
+        runtime_env = json.dumps(
+            yaml.safe_load(spec["runtimeEnvYAML"]), separators=(",", ":"), sort_keys=True
+        )
+        waiting = json.dumps(f"Waiting for Ray Dashboard GCS to become healthy at {address} ...")
+        return " ".join(
+            [
+                *("until", health, ">/dev/null", "2>&1", ";", "do", "echo", waiting, ";", "sleep", "2", ";"),
+                *("done", ";", "if", "!", "ray", "job", "status", "--address", address, job_id),
+                *(
+                    ">/dev/null",
+                    "2>&1",
+                    ";",
+                    "then",
+                    "ray",
+                    "job",
+                    "submit",
+                    "--address",
+                    address,
+                    "--no-wait",
+                ),
+                *("--runtime-env-json", json.dumps(runtime_env), "--submission-id", job_id),
+                *("--", entrypoint.strip(), ";", "fi", ";"),
+                *("ray", "job", "logs", "--address", address, "--follow", job_id),
+            ]
+        )
+
+    def start_submitter(self, job_id: str, entrypoint: str) -> RunningPod:
+        """The submitter Job's pod: its own namespace running :meth:`submitter_line` with the env the operator
+        adds (RAY_DASHBOARD_ADDRESS, RAY_JOB_SUBMISSION_ID, the auth token; KR:common/pod.go:387-425)."""
+        name = f"{self.name}submitter"
+        pod = self.network.add_pod(name)
+        env = {
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/sbin:/usr/bin:/sbin:/bin"]),
+            "HOME": os.environ.get("HOME", "/root"),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_DASHBOARD_ADDRESS": f"{self.head_address}:{DASHBOARD_PORT}",
+            "RAY_JOB_SUBMISSION_ID": job_id,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+        }
+        line = self.submitter_line(job_id, entrypoint)
+        log_path = self.root / f"{name}.log"
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                self.network.command(pod, ["/bin/bash", "-ce", "--", line], []),
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.root,
+                start_new_session=True,
+            )
+        running = self.pods[name] = RunningPod("submitter", pod, proc, log_path)
+        log.info("submitter pod at %s: %s", pod.address, line)
+        return running
+
+    def job_status(self, job_id: str) -> str:
+        """The operator's job poll: ``GET /api/jobs/<id>`` (KR:utils/dashboardclient/dashboard_httpclient.go:26,
+        152-184, GetJobInfo); "" while the dashboard does not know it or does not answer."""
+        with suppress(httpx.HTTPError, ValueError, KeyError):
+            response = httpx.get(f"{self.dashboard}/api/jobs/{job_id}", headers=self.headers, timeout=10)
+            return response.json()["status"] if response.status_code == 200 else ""
+        return ""
+
+    def delete(self) -> None:
+        """Delete every pod of the cluster and its namespace (a RayJob's cluster after the job)."""
+        for name in list(self.pods):
+            self._remove(name, self.pods.pop(name))
 
     def stop(self) -> None:
         """Kill every pod (the network's close() removes the namespaces)."""
@@ -408,3 +531,55 @@ class PodCluster:
 def rayservice_doc() -> dict[str, Any]:
     """kuberay/serving/ray-service.mnist.yaml."""
     return load_yaml(ROOT / "kuberay" / "serving" / "ray-service.mnist.yaml")
+
+
+def rayjob_doc() -> dict[str, Any]:
+    """kuberay/training/ray-job.mnist-train.yaml."""
+    return load_yaml(ROOT / "kuberay" / "training" / "ray-job.mnist-train.yaml")
+
+
+class Autoscaler:
+    """The in-tree autoscaler's scale-up for the serve group, in a thread: each Serve replica needs 1 Ray CPU and
+    each serve worker pod advertises 1, so while the deployment's target replica count exceeds the serve pods a
+    pod is added (up to the group's ``maxReplicas``), as the Ray autoscaler does for the pending replica actor.
+    Scale-down of idle pods (``idleTimeoutSeconds``) is left to the caller."""
+
+    def __init__(self, cluster: PodCluster, app: str, deployment: str, period_s: float = 1.0) -> None:
+        self.cluster = cluster
+        self.app, self.deployment = app, deployment
+        self.period_s = period_s
+        self.added: list[str] = []
+        self.error = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="autoscaler", daemon=True)
+
+    def target(self) -> int:
+        """The deployment's target replica count (0 while the dashboard does not answer)."""
+        with suppress(httpx.HTTPError, ValueError, KeyError):
+            details = httpx.get(
+                f"{self.cluster.dashboard}/api/serve/applications/", headers=self.cluster.headers, timeout=10
+            ).json()
+            return int(
+                details["applications"][self.app]["deployments"][self.deployment]["target_num_replicas"]
+            )
+        return 0
+
+    def _run(self) -> None:
+        group = self.cluster.groups["serve"]
+        while not self._stop.wait(self.period_s):
+            try:
+                wanted = min(int(group["maxReplicas"]), self.target())
+                if len(self.cluster.serve_pods()) < wanted:
+                    self.added.append(self.cluster.start_pod("serve").pod.name)
+            except Exception as exc:  # noqa: BLE001 - reported by stop()
+                self.error = repr(exc)
+                return
+
+    def __enter__(self) -> Autoscaler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        assert not self.error, f"the emulated autoscaler failed: {self.error}"

@@ -37,6 +37,7 @@ T = TypeVar("T")
 
 PREFIX = "krpod"  # every namespace and link this module creates; link names stay under 15 characters
 SERVE_PORT = 8000
+RAYLET_HEALTH = "/api/local_raylet_healthz"  # the dashboard agent's raylet check
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -240,16 +241,20 @@ class LoadBalancer:
     """A cloud L4 LoadBalancer over the serve Service's endpoints, on ``127.0.0.1:<port>`` of the host.
 
     Endpoints are the pods given with :meth:`add`; one is in rotation while Ready and not terminating (a
-    terminating pod leaves the Service's endpoints at once). Ready is KubeRay's serve readiness probe, run from
-    the host every ``probe_period_s``: ``wget localhost:8000/-/healthz | grep success`` with failureThreshold 1
-    (KubeRay v1.7.0 ray-operator/controllers/ray/common/pod.go:816-826). Each client connection goes to the next
+    terminating pod leaves the Service's endpoints at once). Ready is KubeRay's readiness probe of a RayService
+    worker, run from the host every ``probe_period_s`` with failureThreshold 1: with ``raylet_port`` the raylet
+    check ``wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success``, then Serve's
+    ``wget ... localhost:8000/-/healthz | grep success`` (KubeRay v1.7.0 ray-operator/controllers/ray/common/
+    pod.go:816-826, initLivenessAndReadinessProbe; utils/constant.go BaseWgetHealthCommand,
+    RayAgentRayletHealthPath, RayServeProxyHealthPath). Each client connection goes to the next
     endpoint in rotation and is piped byte for byte; if that endpoint refuses, the client's connection is
     closed: an L4 balancer never retries a request.
     """
 
-    def __init__(self, probe_period_s: float = 1.0) -> None:
+    def __init__(self, probe_period_s: float = 1.0, raylet_port: int | None = None) -> None:
         self.backends: dict[str, Backend] = {}
         self.probe_period_s = probe_period_s
+        self.raylet_port = raylet_port
         self.port = 0
         self._next = 0
         self._server: asyncio.AbstractServer | None = None
@@ -288,6 +293,12 @@ class LoadBalancer:
     async def _probe_forever(self) -> None:
         while True:
             for backend in list(self.backends.values()):
+                if self.raylet_port:
+                    status, body = await http_get(backend.address, self.raylet_port, RAYLET_HEALTH, 2.0)
+                    if not (status == 200 and b"success" in body):
+                        backend.ready = False
+                        backend.probe = f"raylet {status} {body[:80]!r}"
+                        continue
                 status, body = await http_get(backend.address, SERVE_PORT, "/-/healthz", 1.0)
                 backend.ready = status == 200 and b"success" in body
                 backend.probe = f"{status} {body[:80]!r}"
@@ -376,11 +387,14 @@ def multipart_body(name: str, data: bytes, boundary: str = "krpodload") -> tuple
 
 class Load:
     """``clients`` concurrent clients POSTing one image to ``/predict`` through the load balancer, each on a
-    fresh connection (``Connection: close``) with ``timeout_s`` per request, until :meth:`stop`."""
+    fresh connection (``Connection: close``) with ``timeout_s`` per request and ``pause_s`` between two
+    requests (0: as fast as answers come), until :meth:`stop`."""
 
     VERSION = re.compile(rb'"model_version"\s*:\s*"([^"]+)"')
 
-    def __init__(self, port: int, image: bytes, clients: int = 8, timeout_s: float = 30) -> None:
+    def __init__(
+        self, port: int, image: bytes, clients: int = 8, timeout_s: float = 30, pause_s: float = 0.0
+    ) -> None:
         body, content_type = multipart_body("zero.png", image)
         self.request = (
             f"POST /predict HTTP/1.1\r\nHost: lb\r\nConnection: close\r\nContent-Type: {content_type}\r\n"
@@ -389,6 +403,7 @@ class Load:
         self.port = port
         self.clients = clients
         self.timeout_s = timeout_s
+        self.pause_s = pause_s
         self.report = LoadReport()
         self.successes: list[float] = []
         self._running = False
@@ -421,6 +436,7 @@ class Load:
                 match = self.VERSION.search(body)
                 version = match.group(1).decode() if match else "?"
                 self.report.versions[version] = self.report.versions.get(version, 0) + 1
+                await asyncio.sleep(self.pause_s)
                 continue
             if status:
                 self.report.non_2xx[status] = self.report.non_2xx.get(status, 0) + 1

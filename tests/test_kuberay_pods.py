@@ -3,16 +3,24 @@
 kuberay/serving/ray-service.mnist.yaml's RayCluster runs with one network namespace per pod (tests/kuberay_pods.py,
 tests/pod_network.py): Redis for GCS fault tolerance, the head (0 Ray CPUs, not a Serve endpoint) and the two serve
 workers, each with its own address, the manifest's ``ray start`` line, env and read-only model volume. The test PUTs
-``serveConfigV2`` as the operator does; clients (8 concurrent, one fresh connection per request) POST a digit through
-a round-robin L4 balancer over the Ready serve workers' :8000 that never retries. One cluster is shared by the
-scenarios, in this order; each reports requests sent, non-2xx, connection errors and the longest gap without a
-success (also to ``$KUBERAY_PODS_REPORT`` as JSON, which ``python -m bench.cluster`` renders):
+``serveConfigV2`` as the operator does (``x-ray-authorization``, once every pod passes its readiness probe);
+clients (8 concurrent, one fresh connection per request) POST a digit through a round-robin L4 balancer over the
+Ready serve workers' :8000 (KubeRay's worker readiness probe: raylet, then Serve's /-/healthz) that never retries.
+One cluster is shared by the scenarios, in this order; each reports requests sent, non-2xx, connection errors and
+the longest gap without a success (also to ``$KUBERAY_PODS_REPORT`` as JSON, which ``python -m bench.cluster``
+renders):
 
-1. a new model published on the volume while requests flow: every answer from the old or the new version;
-2. ``num_replicas`` 2 -> 3 -> 2 re-PUT (a third worker pod added as the autoscaler would): the count follows;
-3. a serve worker pod deleted gracefully (endpoint removal, preStop, SIGTERM, grace period) and recreated;
-4. a serve worker pod killed abruptly (SIGKILL to every process of its namespace) and recreated;
-5. the head's container killed and restarted with GCS fault tolerance on a real redis-server.
+1. the RayJob (kuberay/training/) on its own RayCluster in pods on the same network, submitted by its submitter
+   pod's command line as KubeRay builds it, trains a tiny model and publishes it on the shared volume while
+   requests flow: every answer from the old or the new version, none fails;
+2. ``autoscaling_config`` (min 1, max 3, target 1 ongoing request) under load, with the autoscaler's scale-up
+   emulated (a worker pod per pending replica): replicas rise to 3, then fall back to 1 under a trickle once the
+   load stops;
+3. ``num_replicas`` 2 -> 3 -> 2 re-PUT (the third replica on the idle pod the autoscaling left, as within the
+   autoscaler's idleTimeoutSeconds): the count follows; then the idle pod is removed;
+4. a serve worker pod deleted gracefully (endpoint removal, preStop, SIGTERM, grace period) and recreated;
+5. a serve worker pod killed abruptly (SIGKILL to every process of its namespace) and recreated;
+6. the head's container killed and restarted with GCS fault tolerance on a real redis-server.
 
 "Zero failed" scenarios fail with the numbers when a request fails: a finding about the manifests or the app.
 Run: MNIST_DATA_DIR=../shared/data pytest tests/test_kuberay_pods.py -q   (as root; needs redis-server)
@@ -35,8 +43,9 @@ import pytest
 
 from ray_app.model import load_artifact
 from tests.conftest import require
+from tests.kuberay_emulation import TERMINAL_JOB_STATES, submission_id
 from tests.kuberay_manifests import serve_config
-from tests.kuberay_pods import PodCluster, rayservice_doc
+from tests.kuberay_pods import AGENT_PORT, Autoscaler, PodCluster, rayjob_doc, rayservice_doc
 from tests.pod_network import (
     Load,
     LoadBalancer,
@@ -56,6 +65,20 @@ CLIENTS = 8
 WARMUP_S = 3  # steady load before the disruption
 SETTLE_S = 4  # steady load after recovery
 APP, DEPLOYMENT = "mnist", "MNISTClassifier"
+# The RayJob's training, kept tiny: the manifest's entrypoint with these flags (they override its env_vars), one
+# worker pod of the cpu group instead of two, as the CPUs are scaled down for this machine.
+JOB_FLAGS = (
+    "--num-workers 1 --cpus-per-worker 1 --epochs 1 --train-limit 1000 --batch-size 32 --val-size 500 "
+    "--min-accuracy 0.5 --champion-gate off"
+)
+AUTOSCALING = {  # low target and short delays, so the test sees both directions within a minute
+    "min_replicas": 1,
+    "max_replicas": 3,
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 2,
+    "downscale_delay_s": 10,
+    "look_back_period_s": 5,
+}
 REPORTS: dict[str, LoadReport] = {}
 
 
@@ -68,7 +91,6 @@ class Env:
     loop: LoopThread
     config: dict[str, Any]
     volume: Path
-    source: Path  # the trained model
 
 
 def record(name: str, report: LoadReport) -> None:
@@ -115,7 +137,12 @@ def with_replicas(config: dict[str, Any], count: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def env(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(
+    trained_model_dir: Path,
+    mnist_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[Env]:
     """The RayService's cluster in pods, serveConfigV2 deployed, both serve workers in the balancer's rotation."""
     reason = namespaces_supported()
     require(
@@ -131,11 +158,12 @@ def env(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     remove_leftovers()
     volume = tmp_path_factory.mktemp("pvc")
     publish_copy(trained_model_dir, volume)
+    (volume / "data").symlink_to(mnist_dir)  # the RayJob's MNIST_DATA_DIR (/mnt/model/data): the offline copy
     volume.chmod(0o755)
     doc = rayservice_doc()
     config = serve_config(doc)
     loop = LoopThread()
-    balancer = LoadBalancer()
+    balancer = LoadBalancer(raylet_port=AGENT_PORT)
     network = PodNetwork()
     cluster = PodCluster(doc, volume, network, balancer)
     failed = True
@@ -147,25 +175,33 @@ def env(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             f"PUT /api/serve/applications/: {response.status_code} {response.text}"
         )
         cluster.wait_running(300)
-        built = Env(cluster, balancer, loop, config, volume, trained_model_dir)
+        built = Env(cluster, balancer, loop, config, volume)
         wait_for(lambda: ready_backends(built) == 2, 120, "both serve workers Ready", built)
+        failed_before = request.session.testsfailed
         yield built
-        failed = False
+        failed = request.session.testsfailed > failed_before  # a scenario failed: its pods' logs stay
     finally:
         cluster.stop()
         left = network.close()
         loop.run(balancer.stop(), 10)
         loop.close()
-        if not failed:
+        if failed:
+            log.warning("pod logs kept in %s", cluster.root)
+        else:
             shutil.rmtree(cluster.root, ignore_errors=True)
         assert not left, f"left behind: {left}"
 
 
 def under_load(
-    env: Env, disrupt: Callable[[], None], recovered: Callable[[], bool], timeout_s: float
+    env: Env,
+    disrupt: Callable[[], None],
+    recovered: Callable[[], bool],
+    timeout_s: float,
+    clients: int = CLIENTS,
+    pause_s: float = 0.0,
 ) -> LoadReport:
     """Steady load, then ``disrupt()``, until ``recovered()`` (within ``timeout_s``), then a little more load."""
-    load = Load(env.balancer.port, IMAGE, clients=CLIENTS)
+    load = Load(env.balancer.port, IMAGE, clients=clients, pause_s=pause_s)
     env.loop.run(load.start(), 10)
     try:
         time.sleep(WARMUP_S)
@@ -184,25 +220,59 @@ def zero_failed(report: LoadReport, scenario: str) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(900)  # includes starting the cluster (about 3 minutes alone)
-def test_new_model_published_while_requests_flow(env: Env) -> None:
+@pytest.mark.timeout(900)  # includes starting the RayService's cluster (about 3 minutes alone)
+def test_rayjob_publishes_a_new_model_while_requests_flow(env: Env) -> None:
+    doc = rayjob_doc()
+    doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = 1
+    entrypoint = f"{doc['spec']['entrypoint']} {JOB_FLAGS}"
+    job_id = submission_id(doc["metadata"]["name"])
+    job = PodCluster(doc, env.volume, env.cluster.network, name="job")
     old = load_artifact(env.volume).meta["version"]
     new: list[str] = []
+    timings: dict[str, float] = {}
+    try:
+        started = time.monotonic()
+        job.start()  # Initializing: the RayJob's cluster, every pod Ready
+        timings["cluster"] = time.monotonic() - started
 
-    def publish() -> None:
-        new.append(publish_copy(env.source, env.volume))  # as the RayJob's driver writes the volume
+        def submit() -> None:
+            timings["submitted"] = time.monotonic()
+            job.start_submitter(job_id, entrypoint)
 
-    def only_new_answers() -> bool:
-        return bool(new) and env.loop.run(latest_version(env), 10) == new[0]
+        def published() -> bool:
+            status = job.job_status(job_id)
+            if status in TERMINAL_JOB_STATES - {"SUCCEEDED"}:
+                pytest.fail(f"RayJob {job_id} {status}:\n{job_logs(job, job_id)}")
+            if status != "SUCCEEDED" or job.pods["jobsubmitter"].proc.poll() is None:
+                return False  # the RayJob is Complete once the Ray job is terminal and the submitter finished
+            if not new:
+                timings["job"] = time.monotonic() - timings["submitted"]
+                new.append(load_artifact(env.volume).meta["version"])
+            return env.loop.run(latest_version(env), 10) == new[0]
 
-    report = under_load(env, publish, only_new_answers, 60)
+        report = under_load(env, submit, published, 420)
+        submitter_exit = job.pods["jobsubmitter"].proc.returncode
+    finally:
+        job.delete()  # shutdownAfterJobFinishes: the RayJob's cluster goes
     report.notes.append(
-        f"answers from the old model {report.versions.get(old, 0)}, the new {report.versions.get(new[0], 0)}"
+        f"RayJob cluster Ready in {timings['cluster']:.0f} s (not under load), the job SUCCEEDED "
+        f"{timings['job']:.0f} s after its submitter started; answers from the old model "
+        f"{report.versions.get(old, 0)}, from the RayJob's {report.versions.get(new[0], 0)}"
     )
-    record("new model published", report)
-    zero_failed(report, "new model published")
+    record("RayJob publishes a new model", report)
+    assert submitter_exit == 0, f"the submitter exited {submitter_exit}:\n{job_logs(job, job_id)}"
+    zero_failed(report, "RayJob publishes a new model")
+    assert new[0] != old, "the RayJob published nothing"
+    meta = load_artifact(env.volume).meta
+    assert (meta["epochs"], meta["train_images"], meta["num_workers"]) == (1, 1000, 1), meta
     assert set(report.versions) <= {old, new[0]}, report.versions
     assert report.versions.get(new[0]), f"no answer from the new model: {report.versions}"
+
+
+def job_logs(job: PodCluster, job_id: str) -> str:
+    """The submitter pod's output (the driver's logs it followed) for a failure message."""
+    path = job.root / f"{job.name}submitter.log"
+    return path.read_text(errors="replace")[-4000:] if path.is_file() else f"no submitter log for {job_id}"
 
 
 async def latest_version(env: Env) -> str:
@@ -213,6 +283,57 @@ async def latest_version(env: Env) -> str:
     return match.group(1).decode() if status == 200 and match else ""
 
 
+def with_autoscaling(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with :data:`AUTOSCALING` instead of ``num_replicas``."""
+    changed = copy.deepcopy(config)
+    deployment = changed["applications"][0]["deployments"][0]
+    deployment.pop("num_replicas")
+    deployment["autoscaling_config"] = AUTOSCALING
+    return changed
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_autoscaling_follows_the_load(env: Env) -> None:
+    timings: dict[str, float] = {}
+
+    def put_autoscaling() -> None:
+        timings["put"] = time.monotonic()
+        response = env.cluster.put_serve_config(with_autoscaling(env.config))
+        assert response.status_code == 200, response.text
+
+    with Autoscaler(env.cluster, APP, DEPLOYMENT) as autoscaler:
+        report_up = under_load(
+            env, put_autoscaling, lambda: replicas(env) == 3 and ready_backends(env) == 3, 150
+        )
+        timings["up"] = time.monotonic() - timings["put"] - SETTLE_S
+        started = time.monotonic()
+        # The load stops; one client with a pause keeps asking while the replicas go (the rise's requests stay
+        # under the 3 replicas until the trickle starts).
+        report_down = under_load(
+            env, lambda: None, lambda: replicas(env) == 1 and ready_backends(env) == 1, 120, 1, 0.2
+        )
+        timings["down"] = time.monotonic() - started - WARMUP_S - SETTLE_S
+    report_up.notes.append(
+        f"3 replicas RUNNING and Ready {timings['up']:.1f} s after the PUT under load "
+        f"(pods added by the emulated autoscaler: {len(autoscaler.added)})"
+    )
+    report_down.notes.append(
+        f"1 client, 0.2 s between requests: 1 replica, the others' pods out of rotation {timings['down']:.1f} s "
+        "after the load stopped"
+    )
+    record("autoscaling 1..3: load", report_up)
+    record("autoscaling 1..3: load stopped", report_down)
+    # Back to serveConfigV2 as applied; the third pod stays idle (the autoscaler removes it after
+    # idleTimeoutSeconds: the next scenario uses it or removes it).
+    response = env.cluster.put_serve_config(env.config)
+    assert response.status_code == 200, response.text
+    wait_for(lambda: replicas(env) == 2 and ready_backends(env) == 2, 120, "2 replicas again", env)
+    zero_failed(report_up, "autoscaling 1..3: load")
+    zero_failed(report_down, "autoscaling 1..3: load stopped")
+    assert autoscaler.added, "the deployment reached 3 replicas without a third pod"
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_num_replicas_follows_the_serve_config(env: Env) -> None:
@@ -221,20 +342,29 @@ def test_num_replicas_follows_the_serve_config(env: Env) -> None:
     def scale_up() -> None:
         response = env.cluster.put_serve_config(with_replicas(env.config, 3))
         assert response.status_code == 200, response.text
-        env.cluster.start_pod("serve")  # the autoscaler adds a worker for the pending replica (maxReplicas 4)
-
-    started = time.monotonic()
-    report_up = under_load(env, scale_up, lambda: replicas(env) == 3 and ready_backends(env) == 3, 180)
-    timings["2->3 s"] = time.monotonic() - started - WARMUP_S - SETTLE_S
 
     def scale_down() -> None:
         response = env.cluster.put_serve_config(env.config)
         assert response.status_code == 200, response.text
 
-    started = time.monotonic()
-    report_down = under_load(env, scale_down, lambda: replicas(env) == 2 and ready_backends(env) == 2, 120)
-    timings["3->2 s"] = time.monotonic() - started - WARMUP_S - SETTLE_S
-    report_up.notes.append(f"3 replicas RUNNING and Ready {timings['2->3 s']:.1f} s after the PUT")
+    pods_before = len(env.cluster.serve_pods())
+    with Autoscaler(
+        env.cluster, APP, DEPLOYMENT
+    ) as autoscaler:  # a pod for the third replica, if none is idle
+        started = time.monotonic()
+        report_up = under_load(env, scale_up, lambda: replicas(env) == 3 and ready_backends(env) == 3, 180)
+        timings["2->3 s"] = time.monotonic() - started - WARMUP_S - SETTLE_S
+        started = time.monotonic()
+        report_down = under_load(
+            env, scale_down, lambda: replicas(env) == 2 and ready_backends(env) == 2, 120
+        )
+        timings["3->2 s"] = time.monotonic() - started - WARMUP_S - SETTLE_S
+    added = (
+        f"a pod added by the emulated autoscaler ({len(autoscaler.added)})"
+        if autoscaler.added
+        else f"on the {pods_before} serve pods there (an idle one within idleTimeoutSeconds)"
+    )
+    report_up.notes.append(f"3 replicas RUNNING and Ready {timings['2->3 s']:.1f} s after the PUT, {added}")
     report_down.notes.append(
         f"2 replicas, the idle pod out of rotation {timings['3->2 s']:.1f} s after the PUT"
     )
@@ -242,10 +372,13 @@ def test_num_replicas_follows_the_serve_config(env: Env) -> None:
     record("num_replicas 3 -> 2", report_down)
     zero_failed(report_up, "num_replicas 2 -> 3")
     zero_failed(report_down, "num_replicas 3 -> 2")
-    # The autoscaler removes the idle worker after idleTimeoutSeconds; here at once, gracefully.
+    # The autoscaler removes idle workers beyond minReplicas after idleTimeoutSeconds; here at once, gracefully.
     idle = [name for name in env.cluster.serve_pods() if not env.balancer.backends[name].ready]
-    assert len(idle) == 1, {n: b.ready for n, b in env.balancer.backends.items()}
-    env.cluster.delete_pod(idle[0])
+    assert len(idle) == len(env.cluster.serve_pods()) - 2, {
+        n: b.ready for n, b in env.balancer.backends.items()
+    }
+    for name in idle:
+        env.cluster.delete_pod(name)
 
 
 def replica_pod(env: Env) -> str:
