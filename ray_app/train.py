@@ -56,6 +56,9 @@ LOCAL_RAY_ENV = {
     "RAY_enable_metrics_collection": "0",  # no metrics export from the raylet and the workers
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage-stats report
     "RAY_prestart_worker_first_driver": "0",  # no idle task workers: Ray Train's actors start their own
+    # Ray runs its workers at nice 15 so its own daemons come first; the training worker is the work here, so it
+    # runs at the priority of a plain ``python train.py`` instead of yielding the CPUs to everything else.
+    "RAY_worker_niceness": "0",
 }
 # Exit codes of the CLI: only EXIT_PUBLISHED changes --model-dir.
 EXIT_PUBLISHED, EXIT_FAILED, EXIT_BELOW_MIN_ACCURACY, EXIT_WORSE_THAN_CHAMPION = 0, 1, 2, 3
