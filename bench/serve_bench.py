@@ -1,8 +1,9 @@
 """Serving benchmark: this project's Ray Serve app against the servers a user would pick instead, driven by wrk.
 
-    python -m bench.serve_bench            # full run (about 12 min): bench/results/serve.{json,md,png}
+    python -m bench.serve_bench            # full run (about 9 min): bench/results/serve.{json,md,png}
     python -m bench.serve_bench --smoke    # one short round, results in a temporary folder
     python -m bench.serve_bench --smoke --servers ray_serve,baseline   # without the peers' virtualenvs
+    python -m bench.serve_bench --render   # serve.md/png again from serve.json, with bench/results/serve-notes.md
 
 Four servers, each serving the same network and weights (``MODEL_DIR``, default ``./model``), one at a time on the
 same cores, alternated over ``--rounds`` rounds (the order reversed every other round):
@@ -97,8 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--rounds", type=int, default=2, help="rounds over all servers (order reversed each round)"
     )
-    p.add_argument("--duration", type=float, default=10, help="seconds of load per concurrency level")
-    p.add_argument("--warmup", type=float, default=5, help="seconds of load before measuring each server")
+    p.add_argument("--duration", type=float, default=6, help="seconds of load per concurrency level")
+    p.add_argument("--warmup", type=float, default=3, help="seconds of load before measuring each server")
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated connection counts")
     p.add_argument("--sample", default=str(ROOT / "samples" / "zero.png"), help="the PNG every request sends")
     p.add_argument("--batch-images", type=int, default=64, help="images per /predict/batch request")
@@ -121,6 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port-wait", type=float, default=600, help="seconds to wait for Serve's port to be free")
     p.add_argument("--startup-timeout", type=float, default=300, help="seconds allowed for a server to start")
     p.add_argument("--smoke", action="store_true", help="one round, 1-2 s per level: check that it all works")
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite serve.md and serve.png from serve.json (and --notes)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.rounds, args.duration, args.warmup, args.concurrency, args.batch_images = 1, 2, 1, "1,16", 8
@@ -770,6 +776,9 @@ def write(results: dict[str, Any], out: Path, notes: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write ``serve.json``, ``serve.md`` and ``serve.png``."""
     args = parse_args(argv)
+    if args.render:
+        write(json.loads((args.out / "serve.json").read_text()), args.out, Path(args.notes))
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup on `kill` too
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install -y wrk")
