@@ -234,6 +234,14 @@ class PodCluster:
             "RAY_ADDRESS": f"{self.head_address}:{GCS_PORT}",
             **{e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e},
         }
+        if self.doc["kind"] == "RayService":
+            # "to improve service SLA" (KR:common/pod.go setContainerEnvVars): a request to a dead actor fails at
+            # once instead of waiting up to 60 s for its death info; shorter GCS and Serve KV timeouts.
+            env |= {
+                "RAY_timeout_ms_task_wait_for_death_info": "0",
+                "RAY_gcs_server_request_timeout_seconds": "5",
+                "RAY_SERVE_KV_TIMEOUT_S": "5",
+            }
         if self.gcs_ft and group == "head":
             env |= {
                 "RAY_REDIS_ADDRESS": f"{self.redis_address}:6379",

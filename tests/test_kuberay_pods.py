@@ -71,6 +71,9 @@ JOB_FLAGS = (
     "--num-workers 1 --cpus-per-worker 1 --epochs 1 --train-limit 1000 --batch-size 32 --val-size 500 "
     "--min-accuracy 0.5 --champion-gate off"
 )
+# On a cluster the RayJob's pods run on other nodes than the serve workers; here they share two cores, so during
+# the RayJob each client pauses between requests, leaving CPU to the training.
+JOB_LOAD_PAUSE_S = 0.1
 AUTOSCALING = {  # low target and short delays, so the test sees both directions within a minute
     "min_replicas": 1,
     "max_replicas": 3,
@@ -250,11 +253,12 @@ def test_rayjob_publishes_a_new_model_while_requests_flow(env: Env) -> None:
                 new.append(load_artifact(env.volume).meta["version"])
             return env.loop.run(latest_version(env), 10) == new[0]
 
-        report = under_load(env, submit, published, 420)
+        report = under_load(env, submit, published, 420, CLIENTS, JOB_LOAD_PAUSE_S)
         submitter_exit = job.pods["jobsubmitter"].proc.returncode
     finally:
         job.delete()  # shutdownAfterJobFinishes: the RayJob's cluster goes
     report.notes.append(
+        f"{CLIENTS} clients pausing {JOB_LOAD_PAUSE_S} s between requests; "
         f"RayJob cluster Ready in {timings['cluster']:.0f} s (not under load), the job SUCCEEDED "
         f"{timings['job']:.0f} s after its submitter started; answers from the old model "
         f"{report.versions.get(old, 0)}, from the RayJob's {report.versions.get(new[0], 0)}"
