@@ -1,6 +1,6 @@
 """Cluster scenarios under load: the RayService with each pod on its own emulated host (tests/test_kuberay_pods.py).
 
-    python -m bench.cluster                       # as root (network namespaces), needs redis-server; ~6 min
+    python -m bench.cluster                       # as root (network namespaces), needs redis-server; ~9 min
 
 Runs the scenarios of tests/test_kuberay_pods.py (the RayJob publishing a new model, num_replicas 2 -> 3 -> 2,
 autoscaling 1..3, a serve worker removed gracefully and killed abruptly, the head restarted with GCS fault
