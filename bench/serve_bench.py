@@ -591,6 +591,13 @@ def joined(values: list[Any], fmt: str = "{:,.0f}") -> str:
     return " / ".join("—" if v is None else fmt.format(v) for v in values)
 
 
+def shown(value: Any) -> str:
+    """A target's value for the table: thousands separated, one decimal."""
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.1f}" if isinstance(value, float) else str(value)
+
+
 def describe(name: str, results: dict[str, Any]) -> str:
     """One bullet: what the server is and how it was set up."""
     s = results["servers"][name]
@@ -700,7 +707,7 @@ def markdown(results: dict[str, Any], notes: str = "") -> str:
         "| target (issue 15) | value" + (" (per round)" if n > 1 else "") + " | met |",
         "|---|---:|:-:|",
         *(
-            f"| {t['target']} | {' / '.join(str(v) for v in t['values'])} | {'yes' if t['met'] else '**no**'} |"
+            f"| {t['target']} | {' / '.join(shown(v) for v in t['values'])} | {'yes' if t['met'] else '**no**'} |"
             for t in results["targets"]
         ),
         "",
