@@ -738,13 +738,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
             spread = [[m - min(v) for m, v in zip(mean, per_level, strict=True)]]
             spread.append([max(v) - m for m, v in zip(mean, per_level, strict=True)])
             ax.errorbar(xs, mean, yerr=spread, marker=marker, capsize=3, label=LABELS[name])
-    for ax, title in ((left, "throughput (req/s)"), (right, "p99 latency (ms)")):
+    for ax, title in ((left, "throughput (req/s)"), (right, "p99 latency (ms, log scale)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(c) for c in xs])
         ax.set_xlabel("concurrent connections")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
+    left.set_ylim(bottom=0)
+    right.set_yscale("log")  # one server's p99 in seconds next to the others' in milliseconds
     left.legend(fontsize=8)
     m = results["machine"]
     fig.suptitle(
