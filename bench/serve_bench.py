@@ -19,7 +19,7 @@ Torch runs one thread per worker process in every server (Serve: ``num_cpus: 1``
 round: cold start (process start → first good ``/predict``), idle memory of each worker (replica) and of all the
 server's processes, then ``wrk -t1`` + ``bench/predict.lua`` with the same PNG at each concurrency after a warm-up
 (req/s, p50/p90/p99, non-2xx and socket errors). For ``ray_serve`` also ``/predict/batch`` with many images per
-request (images/s) and, on a running Ray (``ray start``), ``serve deploy`` → first good ``/predict``. The issue's
+request (images/s) and, on a running Ray (``ray start``), ``serve deploy`` → first good ``/predict``. The
 targets are marked met or not from these figures. Every process started here is stopped on exit, Ctrl-C included.
 """
 
@@ -546,7 +546,7 @@ def errors(r: dict[str, Any]) -> int:
 
 
 def summarize(results: dict[str, Any]) -> None:
-    """The issue's targets, each judged in every round (met only if met in all rounds); nothing asserts them."""
+    """The serving targets, each judged in every round (met only if met in all rounds); nothing asserts them."""
     rounds = [r["results"] for r in results["rounds"]]
     targets: list[dict[str, Any]] = []
 
@@ -704,7 +704,7 @@ def markdown(results: dict[str, Any], notes: str = "") -> str:
         ]
     lines += [
         "",
-        "| target (issue 15) | value" + (" (per round)" if n > 1 else "") + " | met |",
+        "| target | value" + (" (per round)" if n > 1 else "") + " | met |",
         "|---|---:|:-:|",
         *(
             f"| {t['target']} | {' / '.join(shown(v) for v in t['values'])} | {'yes' if t['met'] else '**no**'} |"
