@@ -62,7 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "cluster.json"
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "tests/test_kuberay_pods.py", "-q", "-p", "no:cacheprovider"],
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "tests/test_kuberay_pods.py",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-m",
+                "integration",
+            ],
             cwd=ROOT,
             env={**os.environ, "KUBERAY_PODS_REPORT": str(report)},
             check=False,

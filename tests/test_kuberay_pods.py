@@ -297,6 +297,7 @@ def with_autoscaling(config: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.integration
+@pytest.mark.cluster_bench  # failed 2 of 4 runs on 2 shared CPUs (resets while the third pod joined)
 @pytest.mark.timeout(300)
 def test_autoscaling_follows_the_load(env: Env) -> None:
     timings: dict[str, float] = {}
