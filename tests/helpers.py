@@ -12,6 +12,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Callable
 from contextlib import suppress
@@ -467,14 +468,21 @@ def replica_pids(ray_tmp: str | Path) -> set[int]:
     return pids
 
 
-def replica_url(pid: int) -> str:
-    """The address of a replica's own HTTP server (its direct ingress, behind the shared ingress)."""
-    listening = [c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"]
-    for port in listening:
-        with suppress(httpx.HTTPError, ValueError):
-            if "status" in httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json():
-                return f"http://127.0.0.1:{port}"
-    raise AssertionError(f"replica {pid} answers /healthz on none of its ports {listening}")
+def replica_url(pid: int, wait_s: float = 30.0) -> str:
+    """The address of a replica's own HTTP server (its direct ingress, behind the shared ingress), waiting up to
+    ``wait_s`` for a replica that is still starting to listen and answer."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        listening = [c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"]
+        for port in listening:
+            with suppress(httpx.HTTPError, ValueError):
+                if "status" in httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json():
+                    return f"http://127.0.0.1:{port}"
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"replica {pid} answers /healthz on none of its ports {listening} in {wait_s} s"
+            )
+        time.sleep(0.5)
 
 
 def ray_processes(ray_tmp: str) -> set[int]:
