@@ -405,8 +405,11 @@ class PodCluster:
 
     def kill_pod(self, name: str) -> None:
         """Every process of the pod killed at once (SIGKILL), as when it crashes or the kernel's OOM killer
-        strikes: its address stays (connections to it are refused) until the pod is deleted."""
+        strikes: its address stays (connections to it are refused) until the pod is deleted; the kubelet reports
+        it NotReady at its next relist."""
         kill_namespace(self.pods[name].pod.namespace)
+        if self.balancer:
+            self.balancer.container_exited(name)
 
     def remove_pod(self, name: str) -> None:
         """Delete a pod whose processes are gone."""
@@ -537,6 +540,20 @@ class PodCluster:
 def rayservice_doc() -> dict[str, Any]:
     """kuberay/serving/ray-service.mnist.yaml."""
     return load_yaml(ROOT / "kuberay" / "serving" / "ray-service.mnist.yaml")
+
+
+def serve_readiness(doc: dict[str, Any], group: str = "serve") -> tuple[float, int]:
+    """(periodSeconds, failureThreshold) of a RayService worker group's readiness probe: the manifest's own if
+    it sets one, else the one KubeRay injects (period 5 s, failureThreshold 1: KR:common/pod.go:816-826,
+    utils/constant.go DefaultReadinessProbePeriodSeconds, ServeReadinessProbeFailureThreshold). The manifest's
+    probe must check what KubeRay's does (the raylet, then Serve's /-/healthz): that is what the balancer runs."""
+    container = dict(groups(doc))[group]["template"]["spec"]["containers"][0]
+    probe = container.get("readinessProbe")
+    if not probe:
+        return 5.0, 1
+    command = " ".join(probe["exec"]["command"])
+    assert "52365/api/local_raylet_healthz" in command and "8000/-/healthz" in command, command
+    return float(probe.get("periodSeconds", 10)), int(probe.get("failureThreshold", 3))
 
 
 def rayjob_doc() -> dict[str, Any]:

@@ -38,6 +38,7 @@ T = TypeVar("T")
 PREFIX = "krpod"  # every namespace and link this module creates; link names stay under 15 characters
 SERVE_PORT = 8000
 RAYLET_HEALTH = "/api/local_raylet_healthz"  # the dashboard agent's raylet check
+KUBELET_RELIST_S = 1.0  # the kubelet notices a container's exit at its next relist (PLEG, each second)
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -235,6 +236,8 @@ class Backend:
     active: int = 0  # client connections piped to it right now
     refused: int = 0  # client connections it refused (closed by the balancer, not retried)
     probe: str = ""  # the last readiness answer
+    failures: int = 0  # readiness probes failed in a row
+    exited_at: float | None = None  # when the kubelet reports the pod's exited container NotReady
 
 
 class LoadBalancer:
@@ -242,7 +245,11 @@ class LoadBalancer:
 
     Endpoints are the pods given with :meth:`add`; one is in rotation while Ready and not terminating (a
     terminating pod leaves the Service's endpoints at once). Ready is KubeRay's readiness probe of a RayService
-    worker, run from the host every ``probe_period_s`` with failureThreshold 1: with ``raylet_port`` the raylet
+    worker, run from the host every ``probe_period_s`` (KubeRay's periodSeconds 5, utils/constant.go
+    DefaultReadinessProbePeriodSeconds); NotReady after ``failure_threshold`` failures in a row (KubeRay's 1,
+    ServeReadinessProbeFailureThreshold, unless the manifest sets its own probe), Ready after one success; a pod
+    whose container exited is NotReady at the kubelet's next relist, without waiting for the probe. With
+    ``raylet_port`` the raylet
     check ``wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success``, then Serve's
     ``wget ... localhost:8000/-/healthz | grep success`` (KubeRay v1.7.0 ray-operator/controllers/ray/common/
     pod.go:816-826, initLivenessAndReadinessProbe; utils/constant.go BaseWgetHealthCommand,
@@ -251,9 +258,12 @@ class LoadBalancer:
     closed: an L4 balancer never retries a request.
     """
 
-    def __init__(self, probe_period_s: float = 1.0, raylet_port: int | None = None) -> None:
+    def __init__(
+        self, probe_period_s: float = 5.0, failure_threshold: int = 1, raylet_port: int | None = None
+    ) -> None:
         self.backends: dict[str, Backend] = {}
         self.probe_period_s = probe_period_s
+        self.failure_threshold = failure_threshold
         self.raylet_port = raylet_port
         self.port = 0
         self._next = 0
@@ -286,22 +296,38 @@ class LoadBalancer:
         """The pod is gone."""
         self.backends.pop(pod, None)
 
+    def container_exited(self, pod: str) -> None:
+        """The pod's container died (the kubelet marks the pod NotReady at its next relist)."""
+        if pod in self.backends:
+            self.backends[pod].exited_at = time.monotonic() + KUBELET_RELIST_S
+
     def in_rotation(self) -> list[Backend]:
         """The endpoints new connections go to."""
-        return [b for b in self.backends.values() if b.ready and not b.terminating]
+        now = time.monotonic()
+        return [
+            b
+            for b in self.backends.values()
+            if b.ready and not b.terminating and (b.exited_at is None or now < b.exited_at)
+        ]
+
+    async def _probe(self, backend: Backend) -> tuple[bool, str]:
+        """One readiness probe: (passed, what it answered)."""
+        if self.raylet_port:
+            status, body = await http_get(backend.address, self.raylet_port, RAYLET_HEALTH, 2.0)
+            if not (status == 200 and b"success" in body):
+                return False, f"raylet {status} {body[:80]!r}"
+        status, body = await http_get(backend.address, SERVE_PORT, "/-/healthz", 2.0)
+        return status == 200 and b"success" in body, f"{status} {body[:80]!r}"
 
     async def _probe_forever(self) -> None:
         while True:
             for backend in list(self.backends.values()):
-                if self.raylet_port:
-                    status, body = await http_get(backend.address, self.raylet_port, RAYLET_HEALTH, 2.0)
-                    if not (status == 200 and b"success" in body):
-                        backend.ready = False
-                        backend.probe = f"raylet {status} {body[:80]!r}"
-                        continue
-                status, body = await http_get(backend.address, SERVE_PORT, "/-/healthz", 1.0)
-                backend.ready = status == 200 and b"success" in body
-                backend.probe = f"{status} {body[:80]!r}"
+                passed, backend.probe = await self._probe(backend)
+                backend.failures = 0 if passed else backend.failures + 1
+                if passed:
+                    backend.ready = True
+                elif backend.failures >= self.failure_threshold:
+                    backend.ready = False
             await asyncio.sleep(self.probe_period_s)
 
     async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
