@@ -1,5 +1,5 @@
-"""Serve-free inference: the loaded model with its normalisation (BatchNorm folded) and calibration, the model slot
-with hot reload, the prediction type and the model card. Nothing here knows Ray Serve or HTTP.
+"""Serve-free inference: the loaded model (its input normalisation, BatchNorm and calibration folded into its layers),
+the model slot with hot reload, the prediction type and the model card. Nothing here knows Ray Serve or HTTP.
 
 Usage:
     slot = ModelSlot(Path("./model")); slot.poll()              # load (and later: swap in a changed model)
@@ -63,14 +63,12 @@ class ModelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A validated model plus the normalisation it was trained with and its calibration."""
+    """A validated model with the normalisation it was trained with and its calibration folded in."""
 
-    model: nn.Module
+    model: nn.Module  # uint8 pixel values in, calibrated logits (logits / temperature) out
     version: str
-    scale: float  # x_normalised = pixel * scale - shift  ==  (pixel / 255 - mean) / std
-    shift: float
     card: dict[str, Any] = field(default_factory=dict)  # what ``GET /model`` shows
-    temperature: float = 1.0  # probabilities are softmax(logits / temperature)
+    temperature: float = 1.0  # probabilities are softmax(logits / temperature); folded into ``model``
     threshold: float = DEFAULT_THRESHOLD  # calibrated top probability below which an answer is "not sure"
 
     @classmethod
@@ -78,11 +76,12 @@ class LoadedModel:
         """Wrap a loaded artifact and run a warm-up forward pass that must give finite probabilities."""
         norm = artifact.meta["normalization"]
         mean, std = float(norm["mean"]), float(norm["std"])
-        model = _for_inference(artifact.model)
-        card = {key: artifact.meta[key] for key in CARD_KEYS if key in artifact.meta}
         temperature, threshold = _calibration(artifact.meta)
-        version, scale, shift = str(artifact.meta["version"]), 1.0 / (255.0 * std), mean / std
-        loaded = cls(model, version, scale, shift, card, temperature=temperature, threshold=threshold)
+        # (pixel / 255 - mean) / std  ==  pixel * scale - shift
+        model = _for_inference(artifact.model, 1.0 / (255.0 * std), mean / std, temperature)
+        card = {key: artifact.meta[key] for key in CARD_KEYS if key in artifact.meta}
+        version = str(artifact.meta["version"])
+        loaded = cls(model, version, card, temperature=temperature, threshold=threshold)
         (warm,) = loaded.predict([np.zeros((28, 28), np.uint8)])
         if not all(np.isfinite(warm.probs)):
             raise ArtifactError(f"model {loaded.version} gives non-finite outputs")
@@ -92,9 +91,8 @@ class LoadedModel:
         """Classify 28x28 uint8 images (white ink on black) in one forward pass; an answer is confident when
         its calibrated top probability reaches ``threshold`` (None: the model's own)."""
         batch = torch.from_numpy(np.stack(images)).unsqueeze(1).float()
-        batch = batch.mul_(self.scale).sub_(self.shift).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            probs = torch.softmax(self.model(batch).div_(self.temperature), dim=1)
+            probs = torch.softmax(self.model(batch.contiguous(memory_format=torch.channels_last)), dim=1)
         top, digits = probs.max(dim=1)
         confident = (top >= (self.threshold if threshold is None else threshold)).tolist()
         return [
@@ -120,10 +118,14 @@ def _calibration(meta: dict[str, Any]) -> tuple[float, float]:
     return temperature, threshold
 
 
-def _for_inference(model: nn.Module) -> nn.Module:
-    """A copy of an eval-mode model made faster on CPU: each BatchNorm folded into the convolution before it,
-    weights in channels_last layout. A max-pool between the two commutes with the BatchNorm's per-channel
-    affine map when every scale is positive; otherwise that BatchNorm stays."""
+def _for_inference(
+    model: nn.Module, scale: float = 1.0, shift: float = 0.0, temperature: float = 1.0
+) -> nn.Module:
+    """A copy of an eval-mode model made faster on CPU, with the same outputs as ``model(pixel * scale - shift)
+    / temperature``: the input normalisation folded into the first convolution and the temperature into the
+    last linear layer (the network's first and last layers, as in ``Net``), each BatchNorm folded into the
+    convolution before it, weights in channels_last layout. A max-pool between the two commutes with the
+    BatchNorm's per-channel affine map when every scale is positive; otherwise that BatchNorm stays."""
     model = copy.deepcopy(model).eval()
     for sequence in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         for i, norm in enumerate(sequence):
@@ -132,10 +134,33 @@ def _for_inference(model: nn.Module) -> nn.Module:
             j = i - 1
             while j > 0 and isinstance(sequence[j], nn.MaxPool2d):
                 j -= 1
-            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-            if j >= 0 and isinstance(sequence[j], nn.Conv2d) and (j == i - 1 or bool((scale > 0).all())):
+            scale_bn = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            if j >= 0 and isinstance(sequence[j], nn.Conv2d) and (j == i - 1 or bool((scale_bn > 0).all())):
                 sequence[j], sequence[i] = fuse_conv_bn_eval(sequence[j], norm), nn.Identity()
+    _fold_affine_input(next(m for m in model.modules() if isinstance(m, nn.Conv2d)), scale, shift)
+    _fold_temperature([m for m in model.modules() if isinstance(m, nn.Linear)][-1], temperature)
     return model.to(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def _fold_affine_input(conv: nn.Conv2d, scale: float, shift: float) -> None:
+    """Make ``conv(x)`` compute ``conv(x * scale - shift)``; exact for a convolution without padding (every
+    output sees whole kernels of input), computed in float64."""
+    if conv.padding not in ((0, 0), "valid"):
+        raise ValueError(
+            f"the first convolution must have no padding to fold the input normalisation: {conv}"
+        )
+    weight = conv.weight.double()
+    bias = torch.zeros(conv.out_channels, dtype=torch.float64) if conv.bias is None else conv.bias.double()
+    conv.weight.copy_(weight * scale)
+    conv.bias = nn.Parameter((bias - shift * weight.sum(dim=(1, 2, 3))).float(), requires_grad=False)
+
+
+@torch.no_grad()
+def _fold_temperature(linear: nn.Linear, temperature: float) -> None:
+    """Make ``linear(x)`` compute ``linear(x) / temperature``."""
+    linear.weight.copy_(linear.weight.double() / temperature)
+    linear.bias.copy_(linear.bias.double() / temperature)
 
 
 class ModelSlot:

@@ -1,4 +1,5 @@
-"""Serve-free inference (``ray_app.inference``): hot reload in the model slot, batched predictions, BatchNorm folding.
+"""Serve-free inference (``ray_app.inference``): hot reload in the model slot, batched predictions, BatchNorm,
+normalisation and temperature folding.
 
 Run: pytest tests/test_inference.py     (seconds, no Ray)
 """
@@ -83,3 +84,24 @@ def test_inference_copy_folds_batchnorm_without_changing_outputs(negative_scale:
     x = torch.randn(32, 1, 28, 28)
     with torch.inference_mode():
         assert torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)), model(x), atol=1e-4)
+
+
+def test_inference_copy_folds_normalisation_and_temperature_without_changing_outputs() -> None:
+    """The served copy takes pixel values and returns calibrated logits: the same probabilities as the trained
+    network on normalised pixels with the temperature applied (within 1e-6), and the trained network is not
+    touched (``model.pth`` stays the plain state_dict training wrote)."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mean, std, temperature = NORMALIZATION["mean"], NORMALIZATION["std"], 0.6
+    fast = _for_inference(model, 1 / (255 * std), mean / std, temperature)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    pixels = torch.randint(0, 256, (64, 1, 28, 28)).float()
+    pixels[32:] *= torch.rand(32, 1, 28, 28) < 0.2  # sparse ink, like MNIST
+    with torch.inference_mode():
+        expected = torch.softmax(model((pixels / 255 - mean) / std) / temperature, dim=1)
+        served = torch.softmax(fast(pixels.contiguous(memory_format=torch.channels_last)), dim=1)
+    assert (served - expected).abs().max() < 1e-6
