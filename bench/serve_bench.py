@@ -518,8 +518,42 @@ def run_deploy(args: argparse.Namespace, sample: Path) -> dict[str, Any]:
             raise RuntimeError(f"no good /predict within {args.startup_timeout:g} s of serve deploy")
         result = {"serve_deploy_cli_s": round(cli, 2), "first_predict_s": round(first.at - started, 2)}
         result["running"] = serve_status(address, env)
+        logs = Path(env["RAY_TMPDIR"]) / "ray" / "session_latest" / "logs" / "serve"
+        result["timeline_s"] = deploy_timeline(logs, started)
     log(f"serve deploy on a running Ray: {result}")
     return result
+
+
+# Serve log messages that mark the steps of a deploy (the first of each counts), in the order they happen
+DEPLOY_STEPS = {
+    "controller_up": ("controller_", ""),  # Serve's controller logged its first line
+    "app_build_started": ("controller_", "Deploying new app"),  # a fresh worker imports ray_app.serve
+    "app_built": ("controller_", "Deploying new version of Deployment"),
+    "replica_init_started": ("replica_", "Started initializing replica"),  # worker started, modules imported
+    "replica_ready": ("controller_", "started successfully"),  # the replica's __init__ and health check done
+}
+DEPLOY_STEP_LABELS = {
+    "controller_up": "Serve's controller up (started by the deploy: Serve was not running yet)",
+    "app_build_started": "controller and proxies ready, app build started (a fresh worker imports `ray_app.serve`)",
+    "app_built": "app built: the controller starts the replicas",
+    "replica_init_started": "first replica's worker up, modules imported, `__init__` starts",
+    "replica_ready": "first replica ready (model loaded and warmed up, decode workers up)",
+}
+
+
+def deploy_timeline(log_dir: Path, started: float) -> dict[str, float]:
+    """Seconds after ``started`` (``time.time()``) at which each step of ``DEPLOY_STEPS`` was first logged in
+    Serve's JSON log files in ``log_dir`` (steps not logged are left out)."""
+    found: dict[str, float] = {}
+    for path in sorted(log_dir.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            with suppress(ValueError, KeyError, TypeError):
+                record = json.loads(line)
+                at = datetime.strptime(record["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp() - started
+                for step, (prefix, text) in DEPLOY_STEPS.items():
+                    if path.name.startswith(prefix) and text in record["message"]:
+                        found[step] = min(found.get(step, at), at)
+    return {step: round(found[step], 2) for step in DEPLOY_STEPS if step in found}
 
 
 def versions(servers: list[str]) -> dict[str, str]:
@@ -702,6 +736,20 @@ def markdown(results: dict[str, Any], notes: str = "") -> str:
             f"`/predict` **{joined([d['first_predict_s'] for d in deploys], '{:.1f}')} s** after the command "
             f"(the `serve deploy` CLI itself returned after {joined([d['serve_deploy_cli_s'] for d in deploys], '{:.1f}')} s).",
         ]
+        steps = [step for step in DEPLOY_STEPS if all(step in d.get("timeline_s", {}) for d in deploys)]
+        if steps:
+            lines += [
+                "",
+                "Where that time went, from Serve's logs (seconds after the command; `/` between rounds):",
+                "",
+                "| step | s |",
+                "|---|---:|",
+                *(
+                    f"| {DEPLOY_STEP_LABELS[step]} | {joined([d['timeline_s'][step] for d in deploys], '{:.1f}')} |"
+                    for step in steps
+                ),
+                f"| first good `/predict` | {joined([d['first_predict_s'] for d in deploys], '{:.1f}')} |",
+            ]
     lines += [
         "",
         "| target | value" + (" (per round)" if n > 1 else "") + " | met |",
