@@ -18,13 +18,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import inspect
 import io
 import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,7 +39,6 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
-from starlette.types import Receive, Scope, Send
 
 from ray_app.decode import DecodeBudget, DecodeBusy, Decoder, ItemError
 from ray_app.inference import ModelSlot, ModelUnavailable, Prediction
@@ -346,35 +343,6 @@ def _require_token(request: Request, token: str | None) -> None:
         )
 
 
-class _Api(FastAPI):
-    """FastAPI with a direct path for ``POST /predict`` and ``POST /predict/batch``: those two go straight to
-    their route function (a ``Request`` in, a ``Response`` out) and the app's exception handlers, skipping the
-    middleware layers, routing and dependency solving that cost more than the rest of a small request. Every
-    other request, and the OpenAPI schema, goes through FastAPI as usual."""
-
-    direct_routes: dict[str, Callable[[Request], Awaitable[Response]]]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self.direct_routes.get(scope["path"]) if scope["type"] == "http" else None
-        if route is None or scope["method"] != "POST":
-            await super().__call__(scope, receive, send)
-            return
-        scope["app"] = self
-        request = Request(scope, receive, send)
-        try:
-            response = await route(request)
-        except Exception as exc:
-            handler = next(
-                (self.exception_handlers[c] for c in type(exc).__mro__ if c in self.exception_handlers), None
-            )
-            if handler is None:
-                raise
-            response = handler(request, exc)
-            if inspect.isawaitable(response):
-                response = await response
-        await response(scope, receive, send)
-
-
 def build_api(backend: Backend, token: str | None = None) -> FastAPI:
     """The HTTP API over ``backend``: routes, the upload page and JSON error handlers.
 
@@ -382,7 +350,7 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
     a bearer token; ``/healthz`` and the page stay open.
     """
     token = configured_token(token)
-    api = _Api(
+    api = FastAPI(
         title="MNIST digit classifier",
         summary="Upload an image of a handwritten digit; get the digit and the ten class probabilities.",
         version="1.0",
@@ -473,7 +441,6 @@ def build_api(backend: Backend, token: str | None = None) -> FastAPI:
             }
         )
 
-    api.direct_routes = {"/predict": predict, "/predict/batch": predict_batch}
     _add_error_handlers(api, backend.metrics)
     return api
 

@@ -175,27 +175,6 @@ def test_wrong_method_and_unknown_route(client: TestClient) -> None:
     assert client.post("/nope").json() == {"detail": "no route /nope; see /docs"}
 
 
-def test_direct_predict_path_answers_as_fastapi_routing_does(model_dir: Path) -> None:
-    """``POST /predict`` and ``/predict/batch`` skip FastAPI's routing; their answers (results, every 4xx,
-    headers) equal those of the same routes through FastAPI."""
-    backend = DirectBackend(model_dir)
-    direct, routed = build_api(backend), build_api(backend)
-    routed.direct_routes = {}
-    requests = [("/predict", kwargs) for _, kwargs, _, _ in BAD_REQUESTS] + [
-        ("/predict", {"files": {"file": ("bar.png", BAR)}}),
-        ("/predict?include_input=1", {"files": {"file": ("ring.png", RING)}}),
-        ("/predict/batch", {"files": [("files", ("a.png", BAR)), ("files", ("b.png", CROSS))]}),
-        ("/predict/batch", {"files": [("files", ("a.png", BAR)), ("files", ("b.png", b"nope"))]}),
-    ]
-    with TestClient(direct) as fast, TestClient(routed) as slow:
-        for path, kwargs in requests:
-            got, want = fast.post(path, **kwargs), slow.post(path, **kwargs)
-            assert (got.status_code, got.json()) == (want.status_code, want.json()), path
-            assert {k: v for k, v in got.headers.items() if k != "content-length"} == {
-                k: v for k, v in want.headers.items() if k != "content-length"
-            }
-
-
 def test_body_over_the_limit_is_413_from_header_and_while_reading(model_dir: Path) -> None:
     settings = Settings(max_body_bytes=1000)
     client = TestClient(build_api(DirectBackend(model_dir, settings)))
