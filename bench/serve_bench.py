@@ -529,15 +529,15 @@ DEPLOY_STEPS = {
     "controller_up": ("controller_", ""),  # Serve's controller logged its first line
     "app_build_started": ("controller_", "Deploying new app"),  # a fresh worker imports ray_app.serve
     "app_built": ("controller_", "Deploying new version of Deployment"),
-    "replica_init_started": ("replica_", "Started initializing replica"),  # worker started, modules imported
-    "replica_ready": ("controller_", "started successfully"),  # the replica's __init__ and health check done
+    "replica_init_started": ("replica_", "Started initializing replica"),
+    "replica_ready": ("controller_", "started successfully"),
 }
 DEPLOY_STEP_LABELS = {
-    "controller_up": "Serve's controller up (started by the deploy: Serve was not running yet)",
-    "app_build_started": "controller and proxies ready, app build started (a fresh worker imports `ray_app.serve`)",
+    "controller_up": "Serve's controller logs its first line (the deploy starts Serve: it was not running yet)",
+    "app_build_started": "controller and proxies (HAProxy) up: the app's build starts (a fresh worker imports `ray_app.serve`)",
     "app_built": "app built: the controller starts the replicas",
-    "replica_init_started": "first replica's worker up, modules imported, `__init__` starts",
-    "replica_ready": "first replica ready (model loaded and warmed up, decode workers up)",
+    "replica_init_started": "first replica logs that it starts initialising (its worker process is up)",
+    "replica_ready": "first replica ready (the controller logs it started successfully)",
 }
 
 
