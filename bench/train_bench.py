@@ -376,8 +376,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Training benchmark",
         "",
-        f"{m['date']} · {m['cpu_model']}, {m['cpus']} CPUs, **shared with other work** (load average 1 min "
-        f"{m['load_average_1m']} before, {results['load_average_after']} after) · Ray {m['ray']}, torch "
+        f"{m['date']} · {m['cpu_model']}, {m['cpus']} CPUs (load average 1 min {m['load_average_1m']} before, "
+        f"{results['load_average_after']} after) · Ray {m['ray']}, torch "
         f"{m['torch']}, Python {m['python']}",
         "",
         f"{st['train_images']} training images, {st['epochs']} epochs (`ray_app.train` recipe); "
