@@ -235,6 +235,7 @@ class Backend:
     terminating: bool = False
     active: int = 0  # client connections piped to it right now
     refused: int = 0  # client connections it refused (closed by the balancer, not retried)
+    unanswered: int = 0  # client connections it accepted and closed without sending a byte back
     probe: str = ""  # the last readiness answer
     failures: int = 0  # readiness probes failed in a row
     exited_at: float | None = None  # when the kubelet reports the pod's exited container NotReady
@@ -344,10 +345,13 @@ class LoadBalancer:
             client_writer.close()  # no retry on another endpoint
             return
         backend.active += 1
+        answered = False
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_backend: bool) -> None:
+            nonlocal answered
             with suppress(OSError, ConnectionError):
                 while data := await src.read(65536):
+                    answered = answered or from_backend
                     dst.write(data)
                     await dst.drain()
             with suppress(OSError, RuntimeError):
@@ -355,9 +359,10 @@ class LoadBalancer:
                     dst.write_eof()
 
         try:
-            await asyncio.gather(pipe(client_reader, writer), pipe(reader, client_writer))
+            await asyncio.gather(pipe(client_reader, writer, False), pipe(reader, client_writer, True))
         finally:
             backend.active -= 1
+            backend.unanswered += not answered
         writer.close()
         client_writer.close()
 
