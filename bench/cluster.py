@@ -6,7 +6,8 @@ Runs the scenarios of tests/test_kuberay_pods.py (the RayJob publishing a new mo
 from num_replicas under load, num_replicas 2 -> 3 -> 2, a serve worker removed gracefully and killed abruptly,
 the head restarted with GCS fault tolerance), each under a steady load through an emulated L4 LoadBalancer, and
 writes what the clients saw to ``cluster.json`` and ``cluster.md`` (default ``bench/results``): requests sent,
-non-2xx, connection errors, the longest gap without a success. Exit status: pytest's (1 if a scenario failed; the table still shows its numbers).
+non-2xx, connection errors, the longest gap without a success. Exit status: pytest's (1 if a scenario failed; the
+table still shows its numbers).
 """
 
 from __future__ import annotations
