@@ -173,9 +173,17 @@ def test_legitimate_uploads_still_classify(served: Served, mnist_test: tuple[np.
                 source = images[int(np.flatnonzero(labels == digit)[0])]
                 data = upload(source, style, rng)
                 assert predict(data, style) == predict(png_of(to_mnist(data))), (style, digit)
-        for digit in (7, 3):  # a 12 MP phone photo and a 4K screenshot of a digit the model knows
-            for index in np.flatnonzero(labels == digit):
-                if predict(png_of(images[index])) == digit:
-                    break
-            assert predict(phone_photo_jpeg(images[index]), "photo.jpg") == digit
-            assert predict(screenshot_png(images[index]), "screenshot.png") == digit
+        # 12 MP phone photos and 4K screenshots of digits the model knows: each served answer is the one for the
+        # image preprocessing makes in process, and nearly all are right (the small session model misreads one
+        # resampled digit now and then, so one miss in five is allowed per kind)
+        for digit in (7, 3):
+            first = np.flatnonzero(labels == digit)[:20]
+            known = [index for index in first if predict(png_of(images[index])) == digit][:5]
+            assert len(known) == 5, (digit, known)
+            for make, name in ((phone_photo_jpeg, "photo.jpg"), (screenshot_png, "screenshot.png")):
+                answers = []
+                for index in known:
+                    data = make(images[index])
+                    answers.append(predict(data, name))
+                    assert answers[-1] == predict(png_of(to_mnist(data))), (name, digit, index)
+                assert answers.count(digit) >= 4, (name, digit, answers)

@@ -243,10 +243,15 @@ def test_an_upload_over_the_inline_budget_is_decoded_by_a_worker_process(served:
         expected = client.post("/predict", files={"file": ("7.png", small)}).json()["prediction"]
         workers, cpu_before = decode_workers_cpu_s(served)
         assert workers == DEPLOYMENT["num_replicas"] * USER_CONFIG["decode"]["workers"]
-        response = client.post("/predict", files={"file": ("7-big.png", big)})
-    assert response.status_code == 200 and response.json()["prediction"] == expected
-    workers_after, cpu_after = decode_workers_cpu_s(served)
-    assert workers_after == workers and cpu_after > cpu_before  # a worker did the decoding
+        # one decode may take less than the clock tick CPU time is counted in: repeat until the workers' time moves
+        for _ in range(20):
+            response = client.post("/predict", files={"file": ("7-big.png", big)})
+            assert response.status_code == 200 and response.json()["prediction"] == expected
+            workers_after, cpu_after = decode_workers_cpu_s(served)
+            assert workers_after == workers  # none was replaced
+            if cpu_after > cpu_before:
+                break
+    assert cpu_after > cpu_before  # a worker did the decoding
 
 
 @pytest.mark.integration
