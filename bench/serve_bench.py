@@ -436,7 +436,8 @@ def serve_status(address: str, env: dict[str, str]) -> bool:
 def running_ray(args: argparse.Namespace, token: str) -> Iterator[tuple[str, dict[str, str]]]:
     """``ray start --head --block`` on private ports and a private ``RAY_TMPDIR``, with the environment Serve's
     ingress needs and ``MODEL_DIR`` (what the replicas read), holding Serve's port lock; yields the dashboard
-    address and the environment for the ``serve`` CLI. Stopped with everything it started on exit."""
+    address and the environment for the ``serve`` CLI once the head is ready as KubeRay's readiness probe sees
+    it. Stopped with everything it started on exit."""
     with FileLock(PORT_LOCK, timeout=args.port_wait):
         deadline = time.monotonic() + args.port_wait
         while not port_free(PORT):
@@ -463,7 +464,9 @@ def running_ray(args: argparse.Namespace, token: str) -> Iterator[tuple[str, dic
             "--disable-usage-stats",
         ]
         cmd += [f"--port={free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1"]
-        for side in ("ray-client-server", "dashboard-agent-listen", "dashboard-agent-grpc", "metrics-export"):
+        agent = free_port()
+        cmd.append(f"--dashboard-agent-listen-port={agent}")
+        for side in ("ray-client-server", "dashboard-agent-grpc", "metrics-export"):
             cmd.append(f"--{side}-port={free_port()}")
         cmd.append(f"--runtime-env-agent-port={free_port()}")
         address = f"http://127.0.0.1:{dashboard}"
@@ -480,11 +483,11 @@ def running_ray(args: argparse.Namespace, token: str) -> Iterator[tuple[str, dic
             )
         try:
             started = time.monotonic()
-            while not dashboard_up(address):
+            while not head_ready(address, f"http://127.0.0.1:{agent}"):
                 if proc.poll() is not None or time.monotonic() - started > args.startup_timeout:
                     raise RuntimeError(f"ray start failed:\n{log_path.read_text(errors='replace')[-3000:]}")
                 time.sleep(0.5)
-            log(f"ray start: dashboard up after {time.monotonic() - started:.1f} s")
+            log(f"ray start: head ready after {time.monotonic() - started:.1f} s")
             yield address, env
         finally:
             stop_session(proc)
@@ -492,13 +495,17 @@ def running_ray(args: argparse.Namespace, token: str) -> Iterator[tuple[str, dic
             log("ray start: stopped")
 
 
-def dashboard_up(address: str) -> bool:
-    """The Ray dashboard answers (``serve deploy`` talks to it)."""
-    try:
-        with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
-            return response.status == 200
-    except (OSError, ValueError):
-        return False
+def head_ready(dashboard: str, agent: str) -> bool:
+    """KubeRay's readiness probe of a head pod passes: the dashboard agent reports the raylet healthy and the
+    dashboard the GCS (a RayService sends its Serve config once its head pod is Ready)."""
+    for url in (f"{agent}/api/local_raylet_healthz", f"{dashboard}/api/gcs_healthz"):
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if b"success" not in response.read():
+                    return False
+        except (OSError, ValueError):
+            return False
+    return True
 
 
 def run_deploy(args: argparse.Namespace, sample: Path) -> dict[str, Any]:
