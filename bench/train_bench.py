@@ -48,7 +48,7 @@ log = logging.getLogger("train_bench")
 # Phases of a run, in order: (key, label). Each is the time between two stamps of the run's timeline.
 PHASES = [
     ("startup", "Python start + imports"),
-    ("ray_init", "Ray start (ray.init)"),
+    ("ray_init", "Ray start (ray.init, beyond the driver imports it overlaps)"),
     ("data", "MNIST read (driver)"),
     ("worker_group", "controller + worker group start (processes, imports, process group)"),
     ("worker_data", "data from the object store"),

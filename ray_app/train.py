@@ -4,6 +4,8 @@ Run ``python -m ray_app.train --help``. Connects to ``RAY_ADDRESS`` when set (a 
 starts an embedded local Ray sized to the machine.
 """
 
+# ruff: noqa: E402 -- `python -m ray_app.train` starts the embedded local Ray before torch and Ray Train
+# import (see _start_ray_early): the imports after that call are deliberately not at the top.
 from __future__ import annotations
 
 import argparse
@@ -11,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -22,8 +25,106 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
+
+log = logging.getLogger(__name__)
+
+# Settings for an embedded local Ray (no RAY_ADDRESS), unless the environment sets them. A one-off run on one
+# machine needs none of what they turn off, and on a small machine every process it starts takes CPU from training.
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # no spot-preemption watcher process
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # the controller polls every 0.2 s, not 2 s: sees the end sooner
+    "RAY_TRAIN_METRICS_ENABLED": "0",  # no Ray Train metrics from the controller and the workers
+    "RAY_enable_metrics_collection": "0",  # no metrics export from the raylet and the workers
+    "RAY_USAGE_STATS_ENABLED": "0",  # no usage-stats report
+    "RAY_prestart_worker_first_driver": "0",  # no idle task workers: Ray Train's actors start their own
+    # Ray runs its workers at nice 15 so its own daemons come first; the training worker is the work here, so it
+    # runs at the priority of a plain ``python train.py`` instead of yielding the CPUs to everything else.
+    "RAY_worker_niceness": "0",
+    # The raylet starts at most as many worker processes at once as there are CPUs (2 on a small machine): Ray
+    # Train asks for its placement-group cleaner, synchronization actor and training workers at the same moment,
+    # and the training worker's start waited for the other two. Its own setting lets them start together.
+    "RAY_worker_maximum_startup_concurrency": str(max(6, len(os.sched_getaffinity(0)))),
+}
+
+
+def start_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` when set (a KubeRay head); otherwise start an embedded local Ray with all of this
+    machine's CPUs, without the dashboard (its web UI and its modules) and with :data:`LOCAL_RAY_ENV`."""
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    for name, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(name, value)
+    ray.init(include_dashboard=False)
+    _start_autoscaling_coordinator()
+
+
+def _start_autoscaling_coordinator() -> None:
+    """Start Ray Train's autoscaling coordinator (a named, detached actor of Ray's) on the fresh local Ray, without
+    waiting for it.
+
+    The Train controller gets or creates this actor once the controller itself has started, and waits for it:
+    on a fresh Ray that is one more process start in a row before the workers start (about 2 s on two CPUs).
+    Created here, it starts while the driver loads the data and the controller starts; the controller then finds
+    it. If Ray moves it, the controller creates it as before.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:
+        log.debug("Ray Train's autoscaling coordinator not found; the controller starts it")
+        return
+    get_or_create_autoscaling_coordinator()
+
+
+class _EarlyStart:
+    """:func:`start_ray` for an embedded local Ray on a thread, begun by ``python -m ray_app.train`` before torch
+    and Ray Train import: Ray's processes start while the driver imports (about 2.4 s of imports after
+    ``import ray``, about as long as ``ray.init``).
+
+    The thread stays alive (a daemon: it never holds up the exit) because Ray's processes are bound to the thread
+    that started them: Linux signals a child when its parent *thread* ends (``PR_SET_PDEATHSIG``), and Ray uses
+    that so that its processes die with the driver.
+    """
+
+    def __init__(self) -> None:
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        # ray.init sets its SIGTERM handler (exit, so that Ray shuts down) only on the main thread: the same here.
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
+        logging.getLogger("ray._private.worker").addFilter(
+            lambda record: not record.getMessage().startswith("SIGTERM handler is not set")
+        )
+        threading.Thread(target=self._run, name="ray-start", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            start_ray()
+        except BaseException as exc:  # re-raised on the main thread by wait()
+            self._error = exc
+        self._ready.set()
+        threading.Event().wait()  # until the process exits
+
+    def wait(self) -> None:
+        """Block until Ray is up; raise what ``ray.init`` raised."""
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+
+def _start_ray_early(argv: list[str]) -> _EarlyStart | None:
+    """Begin starting the embedded local Ray in the background; None (Ray starts in :func:`main` as before) when
+    ``RAY_ADDRESS`` names a cluster or the command only asks for ``--help``."""
+    if os.environ.get("RAY_ADDRESS") or {"-h", "--help"} & set(argv):
+        return None
+    return _EarlyStart()
+
+
+_early_start = _start_ray_early(sys.argv[1:]) if __name__ == "__main__" else None
+
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -44,22 +145,7 @@ from ray_app.model import (
 )
 from ray_app.plots import write_plots, write_reliability
 
-log = logging.getLogger(__name__)
-
 STATE_FILE = "train_state.pt"
-# Settings for an embedded local Ray (no RAY_ADDRESS), unless the environment sets them. A one-off run on one
-# machine needs none of what they turn off, and on a small machine every process it starts takes CPU from training.
-LOCAL_RAY_ENV = {
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # no spot-preemption watcher process
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # the controller polls every 0.2 s, not 2 s: sees the end sooner
-    "RAY_TRAIN_METRICS_ENABLED": "0",  # no Ray Train metrics from the controller and the workers
-    "RAY_enable_metrics_collection": "0",  # no metrics export from the raylet and the workers
-    "RAY_USAGE_STATS_ENABLED": "0",  # no usage-stats report
-    "RAY_prestart_worker_first_driver": "0",  # no idle task workers: Ray Train's actors start their own
-    # Ray runs its workers at nice 15 so its own daemons come first; the training worker is the work here, so it
-    # runs at the priority of a plain ``python train.py`` instead of yielding the CPUs to everything else.
-    "RAY_worker_niceness": "0",
-}
 # Exit codes of the CLI: only EXIT_PUBLISHED changes --model-dir.
 EXIT_PUBLISHED, EXIT_FAILED, EXIT_BELOW_MIN_ACCURACY, EXIT_WORSE_THAN_CHAMPION = 0, 1, 2, 3
 
@@ -534,37 +620,6 @@ def publish(args: argparse.Namespace, state: dict[str, Any], wall_time_s: float)
     return EXIT_PUBLISHED
 
 
-def start_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` when set (a KubeRay head); otherwise start an embedded local Ray with all of this
-    machine's CPUs, without the dashboard (its web UI and its modules) and with :data:`LOCAL_RAY_ENV`."""
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    for name, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(name, value)
-    ray.init(include_dashboard=False)
-    _start_autoscaling_coordinator()
-
-
-def _start_autoscaling_coordinator() -> None:
-    """Start Ray Train's autoscaling coordinator (a named, detached actor of Ray's) on the fresh local Ray, without
-    waiting for it.
-
-    The Train controller gets or creates this actor once the controller itself has started, and waits for it:
-    on a fresh Ray that is one more process start in a row before the workers start (about 2 s on two CPUs).
-    Created here, it starts while the driver loads the data and the controller starts; the controller then finds
-    it. If Ray moves it, the controller creates it as before.
-    """
-    try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
-    except ImportError:
-        log.debug("Ray Train's autoscaling coordinator not found; the controller starts it")
-        return
-    get_or_create_autoscaling_coordinator()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Train, check the gates, calibrate, publish.
 
@@ -576,7 +631,10 @@ def main(argv: list[str] | None = None) -> int:
     timeline = {"main": time.time()}
     args = parse_args(argv)
     data.ensure_mnist(args.data_dir)
-    start_ray()
+    if _early_start is None:
+        start_ray()
+    else:
+        _early_start.wait()
     timeline["ray_ready"] = time.time()
     try:
         arrays = load_training_data(args)
