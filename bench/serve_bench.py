@@ -19,8 +19,9 @@ Torch runs one thread per worker process in every server (Serve: ``num_cpus: 1``
 round: cold start (process start → first good ``/predict``), idle memory of each worker (replica) and of all the
 server's processes, then ``wrk -t1`` + ``bench/predict.lua`` with the same PNG at each concurrency after a warm-up
 (req/s, p50/p90/p99, non-2xx and socket errors). For ``ray_serve`` also ``/predict/batch`` with many images per
-request (images/s) and, on a running Ray (``ray start``), ``serve deploy`` → first good ``/predict``. The
-targets are marked met or not from these figures. Every process started here is stopped on exit, Ctrl-C included.
+request (images/s) and, on a running Ray (``ray start``, its head ready as KubeRay's probe sees it), ``serve
+deploy`` → first good ``/predict``. The targets are marked met or not from these figures. Every process started
+here is stopped on exit, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -739,7 +740,8 @@ def markdown(results: dict[str, Any], notes: str = "") -> str:
     if deploys:
         lines += [
             "",
-            "On a running Ray (`ray start --head`, then `serve deploy ray_app/serve_config.yaml`): first good "
+            "On a running Ray (`ray start --head`; once the head passes KubeRay's readiness probe, raylet and GCS "
+            "healthy, `serve deploy ray_app/serve_config.yaml`, as a RayService sends its config): first good "
             f"`/predict` **{joined([d['first_predict_s'] for d in deploys], '{:.1f}')} s** after the command "
             f"(the `serve deploy` CLI itself returned after {joined([d['serve_deploy_cli_s'] for d in deploys], '{:.1f}')} s).",
         ]
