@@ -41,10 +41,6 @@ LOCAL_RAY_ENV = {
     # Ray runs its workers at nice 15 so its own daemons come first; the training worker is the work here, so it
     # runs at the priority of a plain ``python train.py`` instead of yielding the CPUs to everything else.
     "RAY_worker_niceness": "0",
-    # The raylet starts at most as many worker processes at once as there are CPUs (2 on a small machine): Ray
-    # Train asks for its placement-group cleaner, synchronization actor and training workers at the same moment,
-    # and the training worker's start waited for the other two. Its own setting lets them start together.
-    "RAY_worker_maximum_startup_concurrency": str(max(6, len(os.sched_getaffinity(0)))),
 }
 
 
