@@ -11,15 +11,21 @@ CONFUSION = "confusion_matrix.png"
 RELIABILITY = "reliability.png"
 
 
-def write_plots(
-    model_dir: str | Path, history: list[dict[str, Any]], confusion: list[list[int]]
-) -> list[Path]:
-    """Write ``training_curves.png`` (loss and accuracy per epoch, train and test) and ``confusion_matrix.png``."""
+def load_pyplot() -> Any:
+    """``matplotlib.pyplot`` with the file-only Agg backend (the import takes about half a second)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_plots(
+    model_dir: str | Path, history: list[dict[str, Any]], confusion: list[list[int]]
+) -> list[Path]:
+    """Write ``training_curves.png`` (loss and accuracy per epoch, train and test) and ``confusion_matrix.png``."""
+    plt = load_pyplot()
     model_dir = Path(model_dir)
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5), constrained_layout=True)
@@ -60,11 +66,7 @@ def write_reliability(
 ) -> Path:
     """Write ``reliability.png``: accuracy against top probability per bin on the test set, before and after
     the temperature (``bins`` as from :func:`ray_app.calibration.calibrate`), with the image count per bin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = load_pyplot()
     test = calibration["test"]
     fig, (diagram, counts) = plt.subplots(
         2, 1, figsize=(5.2, 6), height_ratios=(3, 1), sharex=True, constrained_layout=True

@@ -9,6 +9,7 @@ starts an embedded local Ray sized to the machine.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import threading
 import time
 import uuid
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -136,10 +137,11 @@ from ray_app.model import (
     ArtifactError,
     ModelConfig,
     Net,
+    files_signature,
     load_artifact,
     save_artifact,
 )
-from ray_app.plots import write_plots, write_reliability
+from ray_app.plots import load_pyplot, write_plots, write_reliability
 
 STATE_FILE = "train_state.pt"
 # Exit codes of the CLI: only EXIT_PUBLISHED changes --model-dir.
@@ -522,12 +524,41 @@ def _champion_accuracy(
     return (logits.argmax(1) == labels).double().mean().item(), str(artifact.meta["version"])
 
 
-def publish(args: argparse.Namespace, state: dict[str, Any], wall_time_s: float) -> int:
+@dataclass
+class PublishInputs:
+    """What publishing reads besides the new model (:func:`read_publish_inputs`)."""
+
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    data_sha256: str
+    champion: tuple[float, str] | None = None  # the current model's test accuracy and version
+    champion_files: tuple[int, ...] | None = None  # its files when it was measured
+
+
+def read_publish_inputs(args: argparse.Namespace) -> PublishInputs:
+    """The test set, the data checksum, the current model's test accuracy (champion gate on) and the plotting
+    library: nothing here depends on the new model, so :func:`main` reads it while the workers start."""
+    test_x, test_y = data.load_mnist(args.data_dir, train=False)
+    inputs = PublishInputs(test_x, test_y, data.checksum(args.data_dir))
+    if args.champion_gate == "on":
+        inputs.champion_files = files_signature(args.model_dir)
+        inputs.champion = _champion_accuracy(args.model_dir, test_x, test_y)
+    load_pyplot()
+    return inputs
+
+
+def publish(
+    args: argparse.Namespace,
+    state: dict[str, Any],
+    wall_time_s: float,
+    inputs: PublishInputs | None = None,
+) -> int:
     """Apply the gates to a finished run's final state, calibrate it and publish it. Returns the exit code.
 
     Gates: test accuracy below ``--min-accuracy`` → 2; worse than the model already in ``--model-dir`` by more
     than ``--champion-tolerance`` on the same test set (unless ``--champion-gate off``) → 3. Nothing is
-    written in either case.
+    written in either case. ``inputs`` are read here unless given; the current model is measured again if its
+    files changed since.
     """
     confusion = state["confusion"]
     accuracy = state["history"][-1]["test_accuracy"]
@@ -538,14 +569,17 @@ def publish(args: argparse.Namespace, state: dict[str, Any], wall_time_s: float)
             args.min_accuracy,
         )
         return EXIT_BELOW_MIN_ACCURACY
+    inputs = inputs or read_publish_inputs(args)
     model = Net(**asdict(ModelConfig()))
     model.load_state_dict(state["model"])
-    test_x, test_y = data.load_mnist(args.data_dir, train=False)
+    test_x, test_y = inputs.test_x, inputs.test_y
     logits = predict_logits(model, test_x, data.MEAN, data.STD)
     challenger = (logits.argmax(1) == test_y).double().mean().item()
     champion = None
     if args.champion_gate == "on":
-        current = _champion_accuracy(args.model_dir, test_x, test_y)
+        current = inputs.champion
+        if files_signature(args.model_dir) != inputs.champion_files:
+            current = _champion_accuracy(args.model_dir, test_x, test_y)
         champion = {
             "gate": "on",
             "tolerance": args.champion_tolerance,
@@ -581,7 +615,7 @@ def publish(args: argparse.Namespace, state: dict[str, Any], wall_time_s: float)
         "train_images": min(args.train_limit or 60000, 60000 - args.val_size),
         "wall_time_s": round(wall_time_s, 1),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data_sha256": data.checksum(args.data_dir),
+        "data_sha256": inputs.data_sha256,
         "ray_version": ray.__version__,
         "torch_version": torch.__version__,
         "run_name": args.run_name,
@@ -635,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         arrays = load_training_data(args)
         timeline["data_loaded"] = time.time()
+        # Publishing's own reads run while the controller and the workers start (mostly one CPU busy).
+        reading = concurrent.futures.ThreadPoolExecutor(1, "publish-inputs").submit(read_publish_inputs, args)
         result = fit(args, arrays)
         timeline["fit_done"] = time.time()
         with result.checkpoint.as_directory() as d:
@@ -646,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray stops while the driver publishes: stopping it is mostly waiting for its processes to exit.
     stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
     stopping.start()
-    code = publish(args, state, time.monotonic() - started)
+    code = publish(args, state, time.monotonic() - started, reading.result())
     timeline["published"] = time.time()
     stopping.join()
     timeline["ray_down"] = time.time()
