@@ -127,6 +127,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ray.train.v2._internal.callbacks import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from torch import nn
 
 from ray_app import data
@@ -461,6 +463,19 @@ def load_training_data(args: argparse.Namespace) -> tuple[np.ndarray, ...]:
     return (train_x[keep], train_y[keep], *data.load_arrays(args.data_dir, train=False))
 
 
+class Trainer(ray.train.torch.TorchTrainer):
+    """The TorchTrainer without the helper actors of Ray Train that this run does not use: the dataset manager
+    (the data comes through the object store, not as Ray Data datasets) and, on an embedded local Ray, the
+    placement-group cleaner (it removes the workers' placement group if the controller dies while the cluster
+    lives on; a local Ray ends with the driver). Each is a Python process started while the workers start."""
+
+    def _create_default_callbacks(self) -> list[Any]:
+        unused: tuple[type, ...] = (DatasetsCallback,)
+        if not os.environ.get("RAY_ADDRESS"):
+            unused += (PlacementGroupCleanerCallback,)
+        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unused)]
+
+
 def fit(args: argparse.Namespace, arrays: tuple[np.ndarray, ...]) -> ray.train.Result:
     """Run the TorchTrainer on ``arrays`` (from :func:`load_training_data`); raises when the run fails after
     its retries.
@@ -468,7 +483,7 @@ def fit(args: argparse.Namespace, arrays: tuple[np.ndarray, ...]) -> ray.train.R
     The arrays go to the workers through Ray's object store: the workers of a node map the same shared memory
     instead of each parsing the files.
     """
-    trainer = ray.train.torch.TorchTrainer(
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config={
             "data": ray.put(arrays),
