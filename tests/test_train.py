@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import ray.train
 import torch
 
 from ray_app import data
@@ -23,11 +24,13 @@ from ray_app.model import ModelConfig, Net, load_artifact
 from ray_app.train import (
     EXIT_PUBLISHED,
     EXIT_WORSE_THAN_CHAMPION,
+    Trainer,
     _champion_accuracy,
     augment,
     champion_decision,
     parse_args,
     publish,
+    read_publish_inputs,
 )
 from tests.conftest import ROOT, private_ray_env, run_train
 from tests.helpers import recorded_epoch
@@ -195,6 +198,49 @@ def test_champion_gate_off_better_and_equal(trained_model_dir: Path, tmp_path: P
     assert publish(parse_args([*common, "--champion-tolerance", "0"]), trained, 1.0) == EXIT_PUBLISHED
     gate = load_artifact(served).meta["champion_gate"]
     assert gate["challenger_accuracy"] == gate["champion_accuracy"] > 0.9
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_champion_gate_measures_a_model_published_during_the_run(
+    trained_model_dir: Path, tmp_path: Path, mnist_dir: Path
+) -> None:
+    """The current model is measured while the workers start; one published after that is measured again."""
+    served = tmp_path / "served"
+    common = [
+        "--model-dir",
+        str(served),
+        "--data-dir",
+        str(mnist_dir),
+        "--min-accuracy",
+        "0",
+        "--val-size",
+        "0",
+    ]
+    untrained = _state(0.995)
+    assert publish(parse_args([*common, "--champion-gate", "off"]), untrained, 1.0) == EXIT_PUBLISHED
+    args = parse_args(common)
+    inputs = read_publish_inputs(args)  # as main() does while the run trains
+    assert inputs.champion is not None and inputs.champion[0] < 0.5
+    # Another run publishes a trained model meanwhile: the untrained one is now worse than the current model.
+    assert (
+        publish(parse_args([*common, "--champion-gate", "off"]), _trained_state(trained_model_dir), 1.0) == 0
+    )
+    before = _files(served)
+    assert publish(args, untrained, 1.0, inputs) == EXIT_WORSE_THAN_CHAMPION
+    assert _files(served) == before
+
+
+def test_trainer_leaves_out_the_helper_actors_a_local_run_does_not_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No dataset manager (no Ray Data datasets); the placement-group cleaner only on a cluster (RAY_ADDRESS)."""
+    for address, cleaner in (("", False), ("ray://head:10001", True)):
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        trainer = Trainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+        names = {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+        assert "BackendSetupCallback" in names and "DatasetsCallback" not in names
+        assert ("PlacementGroupCleanerCallback" in names) == cleaner
 
 
 @pytest.mark.integration
