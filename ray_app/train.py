@@ -684,9 +684,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         arrays = load_training_data(args)
         timeline["data_loaded"] = time.time()
-        # Publishing's own reads run while the controller and the workers start (mostly one CPU busy).
-        reading = concurrent.futures.ThreadPoolExecutor(1, "publish-inputs").submit(read_publish_inputs, args)
-        result = fit(args, arrays)
+        # Publishing's own reads run while the controller and the workers start (mostly one CPU busy); the
+        # thread then ends, and with it the torch thread pool it may have started.
+        with concurrent.futures.ThreadPoolExecutor(1, "publish-inputs") as pool:
+            reading = pool.submit(read_publish_inputs, args)
+            result = fit(args, arrays)
         timeline["fit_done"] = time.time()
         with result.checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, weights_only=True)
