@@ -166,6 +166,20 @@ def _files(model_dir: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file() and "ray_results" not in p.parts}
 
 
+def _publish_flags(model_dir: Path, mnist_dir: Path) -> list[str]:
+    """Flags for calling publish directly: no accuracy floor, no calibration holdout."""
+    return [
+        "--model-dir",
+        str(model_dir),
+        "--data-dir",
+        str(mnist_dir),
+        "--min-accuracy",
+        "0",
+        "--val-size",
+        "0",
+    ]
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_champion_gate_off_better_and_equal(trained_model_dir: Path, tmp_path: Path, mnist_dir: Path) -> None:
@@ -175,16 +189,7 @@ def test_champion_gate_off_better_and_equal(trained_model_dir: Path, tmp_path: P
     untrained = _state(0.995)  # an untrained network whose run claims 99.5 %: the gate measures, not trusts
     served = tmp_path / "served"
     shutil.copytree(trained_model_dir, served, ignore=shutil.ignore_patterns("ray_results"))
-    common = [
-        "--model-dir",
-        str(served),
-        "--data-dir",
-        str(mnist_dir),
-        "--min-accuracy",
-        "0",
-        "--val-size",
-        "0",
-    ]
+    common = _publish_flags(served, mnist_dir)
 
     # Worse, with the gate off: published.
     assert publish(parse_args([*common, "--champion-gate", "off"]), untrained, 1.0) == EXIT_PUBLISHED
@@ -207,25 +212,15 @@ def test_champion_gate_measures_a_model_published_during_the_run(
 ) -> None:
     """The current model is measured while the workers start; one published after that is measured again."""
     served = tmp_path / "served"
-    common = [
-        "--model-dir",
-        str(served),
-        "--data-dir",
-        str(mnist_dir),
-        "--min-accuracy",
-        "0",
-        "--val-size",
-        "0",
-    ]
+    common = _publish_flags(served, mnist_dir)
     untrained = _state(0.995)
     assert publish(parse_args([*common, "--champion-gate", "off"]), untrained, 1.0) == EXIT_PUBLISHED
     args = parse_args(common)
     inputs = read_publish_inputs(args)  # as main() does while the run trains
     assert inputs.champion is not None and inputs.champion[0] < 0.5
     # Another run publishes a trained model meanwhile: the untrained one is now worse than the current model.
-    assert (
-        publish(parse_args([*common, "--champion-gate", "off"]), _trained_state(trained_model_dir), 1.0) == 0
-    )
+    trained = _trained_state(trained_model_dir)
+    assert publish(parse_args([*common, "--champion-gate", "off"]), trained, 1.0) == EXIT_PUBLISHED
     before = _files(served)
     assert publish(args, untrained, 1.0, inputs) == EXIT_WORSE_THAN_CHAMPION
     assert _files(served) == before
